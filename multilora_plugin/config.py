@@ -1,0 +1,64 @@
+"""Settings of a wrapped model, validated once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+from .errors import ConfigError
+
+TargetModules = Union[str, Sequence[str]]
+BACKENDS = ("auto", "torch", "triton")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class MultiLoRAConfig:
+    """How `wrap()` patches a model.
+
+    max_loras:      adapters resident in slots at once (the base model never takes a slot)
+    max_lora_rank:  slot buffers are padded to this rank; adapters of a higher rank are refused
+    target_modules: "all-linear" (every nn.Linear / Conv1D but the output embeddings), a list of
+                    module names or name suffixes (PEFT's rule), or a regex that must match a whole name
+    backend:        "auto" | "torch" | "triton": the kernel backend, chosen once at wrap time
+    """
+
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    target_modules: TargetModules = ALL_LINEAR
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"`{name}` should be an int >= 1, but got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"`backend` should be one of {BACKENDS}, but got {self.backend!r}")
+        target = self.target_modules
+        if isinstance(target, str):
+            if target != ALL_LINEAR:
+                try:
+                    re.compile(target)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"`target_modules` should be {ALL_LINEAR!r}, a list of names or a valid regex, "
+                        f"but {target!r} does not compile: {exc}"
+                    ) from None
+        elif not target or not all(isinstance(t, str) and t for t in target):
+            raise ConfigError(
+                f"`target_modules` should be {ALL_LINEAR!r}, a regex or a non-empty list of module names, "
+                f"but got {target!r}"
+            )
+        else:
+            self.target_modules = tuple(target)
+
+    def targets(self, name: str, is_output_embedding: bool) -> bool:
+        """Whether the linear module called `name` is patched."""
+        target = self.target_modules
+        if target == ALL_LINEAR:
+            return not is_output_embedding
+        if isinstance(target, str):
+            return re.fullmatch(target, name) is not None
+        return any(name == t or name.endswith("." + t) for t in target)

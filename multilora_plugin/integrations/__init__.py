@@ -1,0 +1,4 @@
+"""Integrations with host applications (HTTP server, PEFT models, ...).
+
+Empty in this release.
+"""
