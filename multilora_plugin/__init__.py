@@ -1,0 +1,45 @@
+"""multilora_plugin: serve many LoRA adapters on one Hugging Face model, mixed in one batch.
+
+    model = multilora_plugin.wrap(hf_model, max_loras=4)
+    model.load_adapter("sql", "adapters/sql")
+    out = model.generate(input_ids, attention_mask=mask, adapter_names=["sql", None])
+"""
+
+from .adapters import EMPTY
+from .config import MultiLoRAConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    CapacityError,
+    ConfigError,
+    IncompatibleAdapterError,
+    InvalidRequestError,
+    MultiLoRAError,
+    WrapError,
+)
+from .layers import MultiLoRALinear
+from .mapping import BatchMapping
+from .wrap import BASE_MODEL, AdapterInfo, MultiLoRAModel, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE_MODEL",
+    "EMPTY",
+    "AdapterExistsError",
+    "AdapterInfo",
+    "AdapterLoadError",
+    "AdapterNotFoundError",
+    "BatchMapping",
+    "CapacityError",
+    "ConfigError",
+    "IncompatibleAdapterError",
+    "InvalidRequestError",
+    "MultiLoRAConfig",
+    "MultiLoRAError",
+    "MultiLoRALinear",
+    "MultiLoRAModel",
+    "WrapError",
+    "wrap",
+]

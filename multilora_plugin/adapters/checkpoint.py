@@ -1,0 +1,197 @@
+"""PEFT adapter directory → validated `AdapterWeights`, using peft's own config and weight loading.
+
+Everything is checked before anything is kept, so a failed load leaves no trace: the config (LoRA,
+no unsupported features), the weights file (present, readable, finite), and every module the adapter
+targets (present in the model, wrapped, same shapes, rank within `max_lora_rank`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftType
+from peft.utils import load_peft_weights
+from peft.utils.other import get_pattern_key
+
+from ..errors import AdapterLoadError, IncompatibleAdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+_PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r], scaling folded in
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One adapter, read and validated, in CPU memory."""
+
+    name: str
+    path: str
+    config: LoraConfig
+    modules: Mapping[str, ModuleWeights]  # wrapped module name → weights
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in (w.a, w.b))
+
+    @property
+    def rank(self) -> int:
+        return max(w.rank for w in self.modules.values())
+
+
+@dataclass(frozen=True)
+class ModelModules:
+    """What a checkpoint is checked against: the model's modules and the wrapped ones' shapes."""
+
+    wrapped: Mapping[str, tuple]  # name → (in_features, out_features)
+    all_names: frozenset
+    output_embedding: Optional[str]
+    max_lora_rank: int
+
+
+# (config attribute, its supported value, what to say). For None/False any falsy value is supported;
+# attributes that an older peft does not have count as supported.
+_UNSUPPORTED = (
+    ("use_dora", False, "DoRA (`use_dora=True`)"),
+    ("modules_to_save", None, "`modules_to_save` (fully trained extra modules)"),
+    ("bias", "none", "trained biases (`bias` other than 'none')"),
+    ("lora_bias", False, "LoRA biases (`lora_bias=True`)"),
+    ("trainable_token_indices", None, "trainable token indices"),
+    ("layer_replication", None, "layer replication"),
+    ("target_parameters", None, "`target_parameters` (LoRA on parameters)"),
+    ("alora_invocation_tokens", None, "activated LoRA (`alora_invocation_tokens`)"),
+    ("use_qalora", False, "QA-LoRA (`use_qalora=True`)"),
+    ("use_bdlora", False, "BD-LoRA"),
+)
+
+
+def read_config(path: str) -> LoraConfig:
+    """Read and check `adapter_config.json`: a LoRA config with no feature this project cannot serve."""
+    if not os.path.isdir(path):
+        raise AdapterLoadError(f"expected a local PEFT adapter directory, but {path!r} is not a directory")
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise AdapterLoadError(f"expected {CONFIG_NAME} in the adapter directory {path!r}, but it is missing")
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except Exception as exc:  # json errors, unknown peft_type, bad field values: all mean an unreadable config
+        raise AdapterLoadError(f"{config_file} is not a valid PEFT adapter config: {exc}") from exc
+    if config.peft_type != PeftType.LORA or not isinstance(config, LoraConfig):
+        found = getattr(config.peft_type, "value", config.peft_type)
+        raise IncompatibleAdapterError(f"expected a LoRA adapter (peft_type 'LORA') at {path!r}, but found {found!r}")
+    for attr, supported, what in _UNSUPPORTED:
+        value = getattr(config, attr, supported)
+        used = bool(value) if supported in (None, False) else value != supported
+        if used:
+            raise IncompatibleAdapterError(f"adapter at {path!r} uses {what}, which is not supported (found {value!r})")
+    return config
+
+
+def _read_tensors(path: str) -> dict:
+    if not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHTS_NAMES):
+        raise AdapterLoadError(f"expected {' or '.join(WEIGHTS_NAMES)} in {path!r}, but neither exists")
+    try:
+        return load_peft_weights(path, device="cpu")
+    except Exception as exc:
+        raise AdapterLoadError(f"could not read the adapter weights in {path!r}: {exc}") from exc
+
+
+def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Group checkpoint keys into {module name: {"a": tensor, "b": tensor}}.
+
+    PEFT also saves the full base weights of embedding-like modules it targets (`*.base_layer.weight`,
+    in case the vocabulary was resized); LoRA leaves them unchanged, so they are skipped here, and a
+    resized vocabulary shows up as a shape mismatch of the LoRA weights.
+    """
+    names = {(key[len(_PREFIX):] if key.startswith(_PREFIX) else key): key for key in tensors}
+    embedded = sorted({n.split(".lora_embedding_")[0] for n in names if ".lora_embedding_" in n})
+    if embedded:
+        raise IncompatibleAdapterError(
+            f"adapter at {path!r} holds LoRA on the embedding layer {embedded[0]!r}; "
+            "only LoRA on linear layers is supported"
+        )
+    pairs: dict = {}
+    for name, key in names.items():
+        if name.endswith(".base_layer.weight"):
+            continue
+        suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        if suffix is None:
+            raise IncompatibleAdapterError(
+                f"adapter at {path!r} holds the tensor {key!r}, which is not a LoRA A/B weight; "
+                "only LoRA on linear layers is supported"
+            )
+        pairs.setdefault(name[: -len(suffix)], {})[_SUFFIXES[suffix]] = tensors[key]
+    if not pairs:
+        raise IncompatibleAdapterError(f"adapter at {path!r} holds no LoRA weights")
+    return pairs
+
+
+def _check_module(path: str, module: str, pair: dict, model: ModelModules) -> None:
+    if module not in model.wrapped:
+        if module not in model.all_names:
+            why = "the model has no module of that name (was the adapter trained on another base model?)"
+        elif module == model.output_embedding:
+            why = "it is the output embedding, which `target_modules='all-linear'` leaves out; wrap it explicitly"
+        else:
+            why = "that module was not wrapped; include it in `wrap(..., target_modules=...)`"
+        raise IncompatibleAdapterError(f"adapter at {path!r} targets {module!r}, but {why}")
+    if set(pair) != {"a", "b"}:
+        missing = "lora_A" if "a" not in pair else "lora_B"
+        raise AdapterLoadError(f"adapter at {path!r} has no {missing} weight for {module!r}")
+    a, b = pair["a"], pair["b"]
+    in_features, out_features = model.wrapped[module]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+        raise IncompatibleAdapterError(
+            f"adapter at {path!r}, module {module!r}: expected lora_A [r, {in_features}] and lora_B "
+            f"[{out_features}, r], but found {list(a.shape)} and {list(b.shape)} "
+            "(was the adapter trained on another base model?)"
+        )
+    if a.shape[0] > model.max_lora_rank:
+        raise IncompatibleAdapterError(
+            f"adapter at {path!r}, module {module!r}: rank {a.shape[0]} is above max_lora_rank="
+            f"{model.max_lora_rank}; wrap with max_lora_rank >= {a.shape[0]}"
+        )
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: weights contain NaN or Inf")
+
+
+def _scaling(config: LoraConfig, module: str, rank: int, path: str) -> float:
+    """PEFT's scaling for one module: alpha / r (or alpha / sqrt(r) with rsLoRA), patterns applied."""
+    rank_key = get_pattern_key(list(config.rank_pattern or {}), module)
+    expected_rank = (config.rank_pattern or {}).get(rank_key, config.r)
+    if expected_rank != rank:
+        raise AdapterLoadError(
+            f"adapter at {path!r}, module {module!r}: the config gives rank {expected_rank}, "
+            f"but the weights have rank {rank}"
+        )
+    alpha_key = get_pattern_key(list(config.alpha_pattern or {}), module)
+    alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def read_adapter(name: str, path: str, model: ModelModules) -> AdapterWeights:
+    """Read, validate and scale a PEFT LoRA adapter directory. Raises a `MultiLoRAError` on any problem."""
+    path = os.fspath(path)
+    config = read_config(path)
+    pairs = _module_pairs(path, _read_tensors(path))
+    modules = {}
+    for module in sorted(pairs):
+        _check_module(path, module, pairs[module], model)
+        a, b = pairs[module]["a"], pairs[module]["b"]
+        scale = _scaling(config, module, a.shape[0], path)
+        modules[module] = ModuleWeights(a.contiguous(), (b.float() * scale).to(b.dtype).contiguous())
+    return AdapterWeights(name=name, path=path, config=config, modules=modules)

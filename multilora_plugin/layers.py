@@ -1,0 +1,96 @@
+"""`MultiLoRALinear`: a linear layer plus slot-indexed LoRA weights, and the swap that installs it."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .mapping import ForwardContext
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_shape(layer: nn.Module) -> tuple:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight stored [in, out])."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, but got {type(layer).__name__}")
+
+
+class MultiLoRALinear(nn.Module):
+    """y = base_layer(x) + the LoRA delta of each row's slot.
+
+    Slot buffers are padded to `max_lora_rank`; `ranks[s]` is the true rank in slot s (0 = empty or
+    not targeted by the adapter in that slot). Zero padding adds exactly zero, so rows of slot s get
+    the adapter's exact delta and rows of slot -1 get exactly `base_layer(x)`.
+    """
+
+    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_shape(base_layer)
+        weight = base_layer.weight
+        self.register_buffer(
+            "lora_a",
+            torch.zeros(max_loras, max_lora_rank, self.in_features, device=weight.device, dtype=weight.dtype),
+            persistent=False,
+        )  # [S, R, in]
+        self.register_buffer(
+            "lora_b",
+            torch.zeros(max_loras, self.out_features, max_lora_rank, device=weight.device, dtype=weight.dtype),
+            persistent=False,
+        )  # [S, out, R]
+        self.ranks = [0] * max_loras
+        self.context = context
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        mapping = self.context.mapping
+        if mapping is None or not mapping.has_lora:
+            return y
+        x2 = x.reshape(-1, self.in_features)  # [T, in]
+        y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
+        self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, mapping.tokens(x2.shape[0], x.device))
+        return y
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> None:
+        """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if a is None:
+            self.ranks[slot] = 0
+            return
+        rank = a.shape[0]
+        self.lora_a[slot, :rank].copy_(a)
+        self.lora_b[slot, :, :rank].copy_(b)
+        self.ranks[slot] = rank
+
+    def extra_repr(self) -> str:
+        slots, rank, _ = self.lora_a.shape
+        return f"in_features={self.in_features}, out_features={self.out_features}, slots={slots}, max_rank={rank}"
+
+
+def swap_linears(
+    module: nn.Module, make: Callable[[str, nn.Module], Optional[nn.Module]], prefix: str = ""
+) -> dict:
+    """Replace, depth first, every linear child for which `make(name, child)` returns a module.
+
+    Returns {qualified name: new module}. A patched layer is not descended into.
+    """
+    swapped = {}
+    for child_name, child in module.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        replacement = make(name, child) if isinstance(child, LINEAR_TYPES) else None
+        if replacement is not None:
+            setattr(module, child_name, replacement)
+            swapped[name] = replacement
+        elif not isinstance(child, MultiLoRALinear):
+            swapped.update(swap_linears(child, make, name))
+    return swapped

@@ -1,0 +1,114 @@
+"""Tiny, randomly initialised models, tokenizers and PEFT adapters, all built locally (no hub).
+
+The demo, the tests and the benchmarks use these so that everything runs offline on a CPU. The
+adapters are real PEFT directories written by `get_peft_model(...).save_pretrained(...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox")
+
+# (attention projections, MLP projections) per architecture, as PEFT would target them
+PROJECTIONS = {
+    "llama": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "mistral": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "qwen2": (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),
+    "gpt2": (("c_attn",), ("c_fc", "mlp.c_proj")),
+    "opt": (("q_proj", "k_proj", "v_proj", "out_proj"), ("fc1", "fc2")),
+    "gpt_neox": (("query_key_value", "attention.dense"), ("dense_h_to_4h", "dense_4h_to_h")),
+}
+
+_WORDS = (
+    "the a an of to in on for with and or but not is are was be have has do say get make go know take see "
+    "come think look want give use find tell ask work seem feel try leave call good new first last long "
+    "great little own other old right big high small large next early young important few public bad same "
+    "able time year people way day man thing woman life child world school state family student group "
+    "country problem hand part place case week company system program question number night point home "
+    "water room mother area money story fact month lot study book eye job word business issue side kind "
+    "head house service friend father power hour game line end member law car city community name team "
+    "minute idea kid body information back parent face others level office door health person art war "
+    "history party result change morning reason research girl guy moment air teacher force education"
+).split()
+
+
+def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 128,
+                num_heads: int = 4, intermediate_size: Optional[int] = None, initializer_range: float = 0.1):
+    """A transformers config for a tiny decoder-only model of architecture `arch`."""
+    from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
+                              Qwen2Config)
+
+    inter = intermediate_size or 2 * hidden_size
+    common = dict(vocab_size=vocab_size, initializer_range=initializer_range, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    llama_like = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                      num_key_value_heads=max(1, num_heads // 2), intermediate_size=inter,
+                      max_position_embeddings=512, **common)
+    if arch == "llama":
+        return LlamaConfig(**llama_like)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **llama_like)
+    if arch == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **llama_like)  # q/k/v carry biases
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inter,
+                          n_positions=512, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         ffn_dim=inter, max_position_embeddings=512, word_embed_proj_dim=hidden_size,
+                         enable_bias=True, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                             intermediate_size=inter, max_position_embeddings=512, rotary_pct=0.5, **common)
+    raise ValueError(f"`arch` should be one of {ARCHITECTURES}, but got {arch!r}")
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> nn.Module:
+    """A randomly initialised causal LM in eval mode, reproducible from `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs), dtype=dtype)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random models: always generate max_new_tokens
+    return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A word-level fast tokenizer of `vocab_size` tokens: <pad>=0, <unk>=1, <s>=2, </s>=3, then words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + list(_WORDS)
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>", padding_side="left")
+
+
+def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8, lora_alpha: float = 16,
+                 target_modules: Union[str, Sequence[str]] = "all-linear", seed: int = 0,
+                 **lora_kwargs) -> str:
+    """Write a random PEFT LoRA adapter for `model` (which stays untouched) to `path`.
+
+    `init_lora_weights=False` makes both A and B random, so every adapter changes the output.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, init_lora_weights=False,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    with warnings.catch_warnings():  # peft calls a transformers method that transformers deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(os.fspath(path))
+    return os.fspath(path)
