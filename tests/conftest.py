@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models and real PEFT adapter directories, built once per session."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from multilora_plugin import toy
+
+torch.set_num_threads(2)
+
+
+def adapter_specs(arch: str) -> dict:
+    """Four adapters that differ in rank, alpha, scaling rule and target set (list, regex, layers)."""
+    attn, mlp = toy.PROJECTIONS[arch]
+    first_layer_regex = rf".*\.0\..*({re.escape(attn[0])}|{re.escape(mlp[-1])})$"
+    common = dict(fan_in_fan_out=arch == "gpt2")  # Conv1D stores weights [in, out]
+    return {
+        "all4": dict(r=4, lora_alpha=8, target_modules="all-linear", seed=1, **common),
+        "attn8_rs": dict(r=8, lora_alpha=32, target_modules=list(attn), use_rslora=True, seed=2, **common),
+        "mlp16_l1": dict(r=16, lora_alpha=16, target_modules=list(mlp), layers_to_transform=[1], seed=3, **common),
+        "regex_pat": dict(r=8, lora_alpha=16, target_modules=first_layer_regex, seed=4,
+                          rank_pattern={attn[0]: 2}, alpha_pattern={mlp[-1]: 4}, **common),
+    }
+
+
+class ArchKit:
+    """A base model of one architecture, its adapters on disk, and fresh copies on demand."""
+
+    def __init__(self, arch: str, root):
+        self.arch = arch
+        self.base = toy.tiny_model(arch)
+        self.paths = {
+            name: toy.make_adapter(self.base, root / name, **spec) for name, spec in adapter_specs(arch).items()
+        }
+
+    def fresh(self):
+        return copy.deepcopy(self.base)
+
+    def wrapped(self, **wrap_kwargs):
+        import multilora_plugin
+
+        model = multilora_plugin.wrap(self.fresh(), **wrap_kwargs)
+        for name, path in self.paths.items():
+            model.load_adapter(name, path)
+        return model
+
+    def peft(self, name: str):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(self.fresh(), self.paths[name]).eval()
+
+
+_KITS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def kit_factory(tmp_path_factory):
+    def get(arch: str) -> ArchKit:
+        if arch not in _KITS:
+            _KITS[arch] = ArchKit(arch, tmp_path_factory.mktemp(f"adapters_{arch}"))
+        return _KITS[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_kit(kit_factory) -> ArchKit:
+    return kit_factory("llama")
+
+
+def padded_batch(rows: int, lengths, vocab: int = 128, seed: int = 0):
+    """Left-padded random prompts: input_ids and attention_mask of shape [rows, max(lengths)]."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(4, vocab, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask

@@ -1,0 +1,69 @@
+"""BatchMapping: row → slot, sorted segments and per-token index, against explicit tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multilora_plugin import BatchMapping, InvalidRequestError
+from multilora_plugin.mapping import expand_rows
+
+# row_slots, num_slots → order, segments
+TABLE = [
+    ((), 4, (), ()),
+    ((-1, -1), 4, (), ()),
+    ((0,), 4, (0,), ((0, 0, 1),)),
+    ((2, -1, 0), 4, (2, 0), ((0, 0, 1), (2, 1, 2))),
+    ((3, 3, 3), 4, (0, 1, 2), ((3, 0, 3),)),
+    ((1, 0, 1, -1, 0), 2, (1, 4, 0, 2), ((0, 0, 2), (1, 2, 4))),
+]
+
+
+@pytest.mark.parametrize("row_slots,num_slots,order,segments", TABLE)
+def test_rows_are_grouped_by_slot(row_slots, num_slots, order, segments):
+    mapping = BatchMapping(row_slots, num_slots)
+    assert mapping.order == order
+    assert mapping.segments == segments
+    assert mapping.has_lora == bool(order)
+
+
+def test_token_mapping_of_the_running_example():
+    tokens = BatchMapping((2, -1, 0), 4).tokens(6, torch.device("cpu"))
+    assert tokens.index.tolist() == [4, 5, 0, 1]
+    assert tokens.offsets.tolist() == [2, 2, 4, 4]
+    assert tokens.offsets.dtype == torch.int32
+    assert tokens.segments == ((0, 0, 2), (2, 2, 4))
+    assert not tokens.identity
+
+
+@pytest.mark.parametrize("row_slots,identity", [((0, 1, 1), True), ((1, 0), False), ((0, -1), False)])
+def test_identity_when_every_row_is_already_in_order(row_slots, identity):
+    assert BatchMapping(row_slots, 2).tokens(len(row_slots) * 3, torch.device("cpu")).identity is identity
+
+
+def test_token_mappings_are_cached_per_size():
+    mapping = BatchMapping((1, 0), 2)
+    cpu = torch.device("cpu")
+    assert mapping.tokens(4, cpu) is mapping.tokens(4, cpu)
+    assert mapping.tokens(2, cpu) is not mapping.tokens(4, cpu)
+
+
+def test_bad_inputs():
+    with pytest.raises(InvalidRequestError, match="slot ids should be in -1..1"):
+        BatchMapping((0, 2), 2)
+    with pytest.raises(InvalidRequestError, match="5 tokens cannot be split into 2 rows"):
+        BatchMapping((0, 1), 2).tokens(5, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("rows,batch,expected", [
+    ((0, -1), 2, (0, -1)),
+    ((0, -1), 6, (0, 0, 0, -1, -1, -1)),
+    ((1,), 3, (1, 1, 1)),
+])
+def test_expand_rows_follows_repeat_interleave(rows, batch, expected):
+    assert expand_rows(rows, batch) == expected
+
+
+def test_expand_rows_refuses_uneven_batches():
+    with pytest.raises(InvalidRequestError, match="5 rows cannot be mapped onto 2 adapter names"):
+        expand_rows((0, 1), 5)
