@@ -15,6 +15,7 @@ from .errors import (
     ConfigError,
     IncompatibleAdapterError,
     InvalidRequestError,
+    KernelInputError,
     MultiLoRAError,
     WrapError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "IncompatibleAdapterError",
     "InvalidRequestError",
+    "KernelInputError",
     "MultiLoRAConfig",
     "MultiLoRAError",
     "MultiLoRALinear",

@@ -45,3 +45,7 @@ class IncompatibleAdapterError(MultiLoRAError, ValueError):
 
 class CapacityError(MultiLoRAError, RuntimeError):
     """More distinct adapters are needed at once than there are slots."""
+
+
+class KernelInputError(MultiLoRAError, ValueError):
+    """A kernel op was called with tensors of the wrong shape, dtype or device."""

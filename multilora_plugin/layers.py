@@ -25,8 +25,8 @@ def linear_shape(layer: nn.Module) -> tuple:
 class MultiLoRALinear(nn.Module):
     """y = base_layer(x) + the LoRA delta of each row's slot.
 
-    Slot buffers are padded to `max_lora_rank`; `ranks[s]` is the true rank in slot s (0 = empty or
-    not targeted by the adapter in that slot). Zero padding adds exactly zero, so rows of slot s get
+    Slot buffers are padded to `max_lora_rank`; `lora_ranks[s]` is the true rank in slot s (0 = empty
+    or not targeted by the adapter in that slot), and kernels never read past it. Zero padding adds exactly zero, so rows of slot s get
     the adapter's exact delta and rows of slot -1 get exactly `base_layer(x)`.
     """
 
@@ -45,7 +45,9 @@ class MultiLoRALinear(nn.Module):
             torch.zeros(max_loras, self.out_features, max_lora_rank, device=weight.device, dtype=weight.dtype),
             persistent=False,
         )  # [S, out, R]
-        self.ranks = [0] * max_loras
+        self.register_buffer(
+            "lora_ranks", torch.zeros(max_loras, device=weight.device, dtype=torch.int32), persistent=False
+        )  # [S]
         self.context = context
         self.backend = backend
 
@@ -56,7 +58,8 @@ class MultiLoRALinear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features)  # [T, in]
         y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
-        self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, mapping.tokens(x2.shape[0], x.device))
+        tokens = mapping.tokens(x2.shape[0], x.device)
+        self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens)
         return y
 
     @torch.no_grad()
@@ -64,13 +67,11 @@ class MultiLoRALinear(nn.Module):
         """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        if a is None:
-            self.ranks[slot] = 0
-            return
-        rank = a.shape[0]
-        self.lora_a[slot, :rank].copy_(a)
-        self.lora_b[slot, :, :rank].copy_(b)
-        self.ranks[slot] = rank
+        rank = 0 if a is None else a.shape[0]
+        if rank:
+            self.lora_a[slot, :rank].copy_(a)
+            self.lora_b[slot, :, :rank].copy_(b)
+        self.lora_ranks[slot] = rank
 
     def extra_repr(self) -> str:
         slots, rank, _ = self.lora_a.shape

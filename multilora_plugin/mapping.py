@@ -7,9 +7,10 @@ Running example (used in the comments below), `num_slots = 4`, three rows, two t
     segments   = ((0, 0, 1), (2, 1, 2))  # (slot, start, end) into `order`
 
     tokens(6):                           # the same, per token, for a [3 * 2, hidden] activation
-      index    = [4, 5, 0, 1]            # tokens of rows 2 then 0
-      offsets  = [2, 2, 4, 4]            # end of each slot's tokens in `index` (cumulative, all slots)
-      segments = ((0, 0, 2), (2, 2, 4))
+      index       = [4, 5, 0, 1]         # tokens that have an adapter, grouped by slot
+      token_slots = [0, 0, -1, -1, 2, 2] # every token's slot, in token order
+      segments    = ((0, 0, 2), (2, 2, 4))
+      seg_slots = [0, 2], seg_starts = [0, 2], seg_lens = [2, 2]
 """
 
 from __future__ import annotations
@@ -26,16 +27,35 @@ Segment = tuple  # (slot, start, end): python ints
 
 @dataclass(frozen=True)
 class TokenMapping:
-    """The mapping per token for one activation size and device. Kernels read only this."""
+    """The mapping per token for one activation size and device: everything a kernel reads.
 
-    index: torch.Tensor  # [Ta] int64: tokens that have an adapter, grouped by slot (ascending)
-    offsets: torch.Tensor  # [num_slots] int32: offsets[s] = end of slot s's tokens in `index`
+    Python-side fields drive CPU loops and launch grids; the tensors live on the activation's device
+    (one host-to-device copy per forward call, shared by every layer).
+    """
+
+    num_tokens: int  # T
+    tokens_per_row: int  # 1 for decode steps
     segments: tuple  # ((slot, start, end), ...) into `index`, only slots that have tokens
     identity: bool  # index == arange(T): every token has an adapter and is already in order
+    index: torch.Tensor  # [Ta] int32: tokens that have an adapter, grouped by slot (ascending)
+    active_slots: torch.Tensor  # [Ta] int32: the slot of each token in `index`
+    token_slots: torch.Tensor  # [T] int32: every token's slot in token order, -1 = base model
+    seg_slots: torch.Tensor  # [G] int32: slot of each segment
+    seg_starts: torch.Tensor  # [G] int32: first position of each segment in `index`
+    seg_lens: torch.Tensor  # [G] int32: tokens in each segment
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.index.shape[0])
+    def num_active(self) -> int:
+        """Tokens that have an adapter (Ta)."""
+        return self.segments[-1][2] if self.segments else 0
+
+    @property
+    def all_active(self) -> bool:
+        return self.num_active == self.num_tokens
+
+    @property
+    def max_segment_len(self) -> int:
+        return max((end - start for _, start, end in self.segments), default=0)
 
 
 @dataclass(frozen=True)
@@ -73,7 +93,7 @@ class BatchMapping:
 
     def tokens(self, num_tokens: int, device: torch.device) -> TokenMapping:
         """The per-token mapping of a `[num_tokens, features]` activation, rows first (cached)."""
-        key = (num_tokens, str(device))
+        key = (num_tokens, device)
         cached = self._by_tokens.get(key)
         if cached is not None:
             return cached
@@ -82,15 +102,30 @@ class BatchMapping:
                 f"an activation of {num_tokens} tokens cannot be split into {self.num_rows} rows of equal length"
             )
         per_row = num_tokens // self.num_rows
-        rows = torch.tensor(self.order, dtype=torch.int64)  # [Ba]
-        index = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)  # [Ba * per_row]
-        counts = [0] * self.num_slots
-        for slot, start, end in self.segments:
-            counts[slot] = (end - start) * per_row
-        offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)  # [num_slots]
+        index = [row * per_row + t for row in self.order for t in range(per_row)]  # [Ta]
+        active_slots = [self.row_slots[row] for row in self.order for _ in range(per_row)]  # [Ta]
+        token_slots = [slot for slot in self.row_slots for _ in range(per_row)]  # [T]
         segments = tuple((slot, start * per_row, end * per_row) for slot, start, end in self.segments)
-        identity = len(self.order) == self.num_rows and self.order == tuple(range(self.num_rows))
-        mapping = TokenMapping(index.to(device), offsets.to(device), segments, identity)
+        seg_slots = [slot for slot, _, _ in segments]
+        seg_starts = [start for _, start, _ in segments]
+        seg_lens = [end - start for _, start, end in segments]
+        # one host-to-device copy for all of them
+        packed = torch.tensor(index + active_slots + token_slots + seg_slots + seg_starts + seg_lens,
+                              dtype=torch.int32).to(device)
+        sizes = (len(index), len(active_slots), len(token_slots), len(segments), len(segments), len(segments))
+        parts = torch.split(packed, sizes)
+        mapping = TokenMapping(
+            num_tokens=num_tokens,
+            tokens_per_row=per_row,
+            segments=segments,
+            identity=self.order == tuple(range(self.num_rows)),
+            index=parts[0],
+            active_slots=parts[1],
+            token_slots=parts[2],
+            seg_slots=parts[3],
+            seg_starts=parts[4],
+            seg_lens=parts[5],
+        )
         self._by_tokens[key] = mapping
         return mapping
 

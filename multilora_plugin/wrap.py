@@ -77,7 +77,8 @@ class MultiLoRAModel(nn.Module):
         self.hf_model = model
         self.multilora_config = config
         self._context = ForwardContext()
-        self._backend = select_backend(config.backend)
+        first = next(model.parameters(), None)
+        self._backend = select_backend(config.backend, first.device if first is not None else "cpu")
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self._output_embedding = next((n for n, m in model.named_modules() if out is not None and m is out), None)
 

@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 import re
 
-import pytest
 import torch
 
-from multilora_plugin import toy
+if not torch.cuda.is_available():  # run the Triton kernels on CPU tensors; read by triton at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from multilora_plugin import toy  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def backend_names() -> list:
+    """`wrap(backend=...)` values that can run here, as pytest params."""
+    triton_missing = importlib.util.find_spec("triton") is None
+    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton_missing, reason="triton is not installed"))]
+
+
+def kernel_backends() -> list:
+    """Every kernel backend that can run here: torch always, Triton where it imports."""
+    from multilora_plugin.kernels import TorchBackend
+
+    backends = [pytest.param(TorchBackend(), id="torch")]
+    if importlib.util.find_spec("triton") is None:
+        backends.append(pytest.param(None, id="triton", marks=pytest.mark.skip(reason="triton is not installed")))
+    else:
+        from multilora_plugin.kernels.triton_ops import TritonBackend
+
+        backends.append(pytest.param(TritonBackend(), id="triton"))
+    return backends
 
 
 def adapter_specs(arch: str) -> dict:

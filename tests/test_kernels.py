@@ -1,82 +1,163 @@
-"""The torch backend against the pure-torch reference, over dtype × rank × size × adapter popularity."""
+"""Kernel backends against the pure-torch reference: dtype × rank × size × batch × adapter popularity.
+
+The Triton backend runs on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py when there is no GPU).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from multilora_plugin import BatchMapping
-from multilora_plugin.kernels import TorchBackend, add_lora_reference
-from multilora_plugin.kernels import torch_ops
+from multilora_plugin.kernels import (TorchBackend, add_lora_reference, lora_expand_reference,
+                                      lora_shrink_reference, torch_ops)
 
-NUM_SLOTS, MAX_RANK = 4, 16
+from .conftest import kernel_backends
+
+NUM_SLOTS, MAX_RANK = 4, 64
+RANKS = (1, 8, 16, 64)  # one slot each: mixed ranks in one batch
+BACKENDS = kernel_backends()
 
 
 def popularity(pattern: str, rows: int, gen: torch.Generator) -> tuple:
     if pattern == "distinct":
-        slots = [i % NUM_SLOTS for i in range(rows)]
-    elif pattern == "uniform":
-        slots = torch.randint(0, NUM_SLOTS, (rows,), generator=gen).tolist()
-    elif pattern == "skewed":  # most rows on slot 0
-        slots = [0 if torch.rand((), generator=gen) < 0.8 else 1 + i % (NUM_SLOTS - 1) for i in range(rows)]
-    elif pattern == "identical":
-        slots = [2] * rows
-    elif pattern == "with_base":
-        slots = torch.randint(-1, NUM_SLOTS, (rows,), generator=gen).tolist()
-    return tuple(slots)
+        return tuple(i % NUM_SLOTS for i in range(rows))
+    if pattern == "uniform":
+        return tuple(torch.randint(0, NUM_SLOTS, (rows,), generator=gen).tolist())
+    if pattern == "skewed":  # most rows on slot 0
+        return tuple(0 if torch.rand((), generator=gen) < 0.8 else 1 + i % (NUM_SLOTS - 1) for i in range(rows))
+    if pattern == "identical":
+        return (2,) * rows
+    if pattern == "with_base":  # a third of the rows on the base model
+        return tuple(torch.randint(-1, NUM_SLOTS, (rows,), generator=gen).tolist())
+    raise ValueError(pattern)
 
 
-def slot_weights(ranks, d_in, d_out, dtype, gen):
-    """Slot buffers with each slot's rank filled and the padding left at zero, as the layer keeps them."""
+@dataclass
+class Case:
+    row_slots: tuple
+    per_row: int
+    x: torch.Tensor  # [T, in]
+    y: torch.Tensor  # [T, out]
+    lora_a: torch.Tensor  # [S, R, in]
+    lora_b: torch.Tensor  # [S, out, R]
+    lora_ranks: torch.Tensor  # [S]
+
+    @property
+    def token_slots(self) -> torch.Tensor:
+        return torch.tensor(self.row_slots).repeat_interleave(self.per_row)
+
+    @property
+    def tokens(self):
+        return BatchMapping(self.row_slots, NUM_SLOTS).tokens(self.x.shape[0], self.x.device)
+
+    def base_rows(self):
+        return [i for i, s in enumerate(self.token_slots.tolist()) if s < 0]
+
+
+def make_case(rows, per_row, d_in, d_out, dtype, pattern, ranks=RANKS, seed=0) -> Case:
+    """Slot buffers filled to each slot's rank with zeros after it, as `MultiLoRALinear` keeps them."""
+    gen = torch.Generator().manual_seed(seed)
+    row_slots = popularity(pattern, rows, gen)
     a = torch.zeros(NUM_SLOTS, MAX_RANK, d_in, dtype=dtype)
     b = torch.zeros(NUM_SLOTS, d_out, MAX_RANK, dtype=dtype)
     for s, r in enumerate(ranks):
-        a[s, :r] = torch.randn(r, d_in, generator=gen).to(dtype) / d_in ** 0.5
-        b[s, :, :r] = torch.randn(d_out, r, generator=gen).to(dtype) / r ** 0.5
-    return a, b
+        a[s, :r] = (torch.randn(r, d_in, generator=gen) / d_in ** 0.5).to(dtype)
+        b[s, :, :r] = (torch.randn(d_out, r, generator=gen) / r ** 0.5).to(dtype)
+    x = torch.randn(rows * per_row, d_in, generator=gen).to(dtype)
+    y = torch.randn(rows * per_row, d_out, generator=gen).to(dtype)
+    return Case(row_slots, per_row, x, y, a, b, torch.tensor(ranks, dtype=torch.int32))
 
 
-def run_both(rows, per_row, d_in, d_out, dtype, pattern, ranks=(1, 8, 16, 4), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    row_slots = popularity(pattern, rows, gen)
-    a, b = slot_weights(ranks, d_in, d_out, dtype, gen)
-    x = torch.randn(rows * per_row, d_in, generator=gen).to(dtype)  # [T, in]
-    y = torch.randn(rows * per_row, d_out, generator=gen).to(dtype)  # [T, out]
-    want = y.clone()
-    add_lora_reference(want, x, a, b, torch.tensor(row_slots).repeat_interleave(per_row))
-    got = y.clone()
-    TorchBackend().add_lora(got, x, a, b, BatchMapping(row_slots, NUM_SLOTS).tokens(x.shape[0], x.device))
-    return row_slots, y, got, want
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+PATTERNS = ["distinct", "uniform", "skewed", "identical", "with_base"]
 
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("pattern", ["distinct", "uniform", "skewed", "identical", "with_base"])
-@pytest.mark.parametrize("rows,per_row", [(1, 1), (7, 1), (33, 1), (64, 1), (5, 9)])
-@pytest.mark.parametrize("d_in,d_out", [(64, 128), (33, 17)])
-def test_torch_backend_matches_reference(dtype, pattern, rows, per_row, d_in, d_out):
-    row_slots, y, got, want = run_both(rows, per_row, d_in, d_out, dtype, pattern)
+def check_add_lora(backend, case: Case, dtype) -> None:
+    want = case.y.clone()
+    add_lora_reference(want, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.token_slots)
+    got = case.y.clone()
+    backend.add_lora(got, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.tokens)
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
-    for row, slot in enumerate(row_slots):  # base rows are left bit-identical
-        if slot < 0:
-            assert torch.equal(got[row * per_row:(row + 1) * per_row], y[row * per_row:(row + 1) * per_row])
+    base = case.base_rows()
+    assert torch.equal(got[base], case.y[base])  # base rows are left bit-identical
 
 
-def test_segment_loop_matches_grouped_gemm(monkeypatch):
-    """Both paths of the torch backend give the same result."""
-    _, _, grouped, want = run_both(20, 3, 64, 96, torch.float32, "with_base", seed=4)
-    monkeypatch.setattr(torch_ops, "_grouped_mm", None)
-    _, _, looped, _ = run_both(20, 3, 64, 96, torch.float32, "with_base", seed=4)
-    torch.testing.assert_close(grouped, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(looped, want, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("rows", [1, 7, 33, 64])
+def test_add_lora_decode(backend, dtype, pattern, rows):
+    check_add_lora(backend, make_case(rows, 1, 64, 96, dtype, pattern), dtype)
 
 
-def test_a_batch_of_only_base_rows_leaves_y_untouched():
-    gen = torch.Generator().manual_seed(0)
-    a, b = slot_weights((4, 4, 4, 4), 32, 32, torch.float32, gen)
-    x, y = torch.randn(6, 32, generator=gen), torch.randn(6, 32, generator=gen)
-    before = y.clone()
-    TorchBackend().add_lora(y, x, a, b, BatchMapping((-1,) * 6, NUM_SLOTS).tokens(6, x.device))
-    assert torch.equal(y, before)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("rows,per_row", [(1, 9), (7, 5), (3, 33)])
+def test_add_lora_prefill(backend, dtype, pattern, rows, per_row):
+    check_add_lora(backend, make_case(rows, per_row, 64, 96, dtype, pattern), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d_in,d_out", [(33, 17), (17, 130), (200, 3)])
+@pytest.mark.parametrize("rows,per_row", [(7, 1), (5, 3)])
+def test_add_lora_odd_sizes(backend, d_in, d_out, rows, per_row):
+    check_add_lora(backend, make_case(rows, per_row, d_in, d_out, torch.float32, "with_base", seed=1), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("rows,per_row", [(7, 1), (5, 4)])
+def test_shrink_then_expand(backend, pattern, rows, per_row):
+    case = make_case(rows, per_row, 48, 80, torch.float32, pattern, seed=2)
+    h = backend.lora_shrink(case.x, case.lora_a, case.lora_ranks, case.tokens)
+    want_h = lora_shrink_reference(case.x, case.lora_a, case.lora_ranks, case.token_slots)
+    assert h.dtype == torch.float32 and h.shape == (case.x.shape[0], MAX_RANK)
+    torch.testing.assert_close(h, want_h, atol=1e-4, rtol=1e-4)
+    got, want = case.y.clone(), case.y.clone()
+    backend.lora_expand(got, want_h, case.lora_b, case.lora_ranks, case.tokens)
+    lora_expand_reference(want, want_h, case.lora_b, case.lora_ranks, case.token_slots)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[case.base_rows()], case.y[case.base_rows()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_row", [1, 6])
+def test_a_batch_of_only_base_rows_leaves_y_bit_identical(backend, per_row):
+    case = make_case(6, per_row, 32, 32, torch.float32, "identical")
+    case.row_slots = (-1,) * 6
+    y = case.y.clone()
+    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.tokens)
+    assert torch.equal(y, case.y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_past_the_rank_is_never_read(backend):
+    """Garbage in the padding must not change the result, so a small rank in a big slot costs its rank.
+
+    Triton stops at each slot's rank; the torch backend at the largest rank in the batch (its gathered
+    path reads the zero padding of smaller slots up to that rank).
+    """
+    case = make_case(9, 2, 64, 64, torch.float32, "uniform", ranks=(2, 8, 5, 0), seed=3)
+    want = case.y.clone()
+    add_lora_reference(want, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.token_slots)
+    largest = int(case.lora_ranks.max())
+    for s, r in enumerate(case.lora_ranks.tolist()):
+        limit = r if backend.name == "triton" else largest
+        case.lora_a[s, limit:] = float("nan")
+        case.lora_b[s, :, limit:] = float("nan")
+    got = case.y.clone()
+    backend.add_lora(got, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [0, 1000])
+def test_torch_backend_both_shapes_of_work(monkeypatch, threshold):
+    """Segments (threshold 0) and gathered (threshold 1000) give the reference's result."""
+    monkeypatch.setattr(torch_ops, "GATHER_MAX_TOKENS_PER_SEGMENT", threshold)
+    for pattern in PATTERNS:
+        for rows, per_row in [(16, 1), (5, 3)]:
+            check_add_lora(TorchBackend(), make_case(rows, per_row, 64, 96, torch.float32, pattern), torch.float32)

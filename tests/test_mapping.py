@@ -30,10 +30,19 @@ def test_rows_are_grouped_by_slot(row_slots, num_slots, order, segments):
 def test_token_mapping_of_the_running_example():
     tokens = BatchMapping((2, -1, 0), 4).tokens(6, torch.device("cpu"))
     assert tokens.index.tolist() == [4, 5, 0, 1]
-    assert tokens.offsets.tolist() == [2, 2, 4, 4]
-    assert tokens.offsets.dtype == torch.int32
+    assert tokens.active_slots.tolist() == [0, 0, 2, 2]
+    assert tokens.token_slots.tolist() == [2, 2, -1, -1, 0, 0]
     assert tokens.segments == ((0, 0, 2), (2, 2, 4))
+    assert (tokens.seg_slots.tolist(), tokens.seg_starts.tolist(), tokens.seg_lens.tolist()) == ([0, 2], [0, 2], [2, 2])
+    assert all(t.dtype == torch.int32 for t in (tokens.index, tokens.token_slots, tokens.seg_lens))
+    assert (tokens.num_active, tokens.all_active, tokens.max_segment_len, tokens.tokens_per_row) == (4, False, 2, 2)
     assert not tokens.identity
+
+
+def test_token_mapping_of_an_all_base_batch():
+    tokens = BatchMapping((-1, -1), 3).tokens(2, torch.device("cpu"))
+    assert tokens.segments == () and tokens.num_active == 0 and tokens.index.numel() == 0
+    assert tokens.token_slots.tolist() == [-1, -1]
 
 
 @pytest.mark.parametrize("row_slots,identity", [((0, 1, 1), True), ((1, 0), False), ((0, -1), False)])

@@ -7,7 +7,7 @@ import torch
 
 from multilora_plugin import toy
 
-from .conftest import padded_batch
+from .conftest import backend_names, padded_batch
 
 ROWS = ["all4", "attn8_rs", None, "mlp16_l1", "regex_pat", "attn8_rs", "__base__"]
 LENGTHS = [7, 5, 7, 3, 6, 7, 4]
@@ -21,13 +21,14 @@ def _oracle(kit, fn):
     return [results[None if n == "__base__" else n] for n in ROWS]
 
 
+@pytest.mark.parametrize("backend", backend_names())
 @pytest.mark.parametrize("arch", toy.ARCHITECTURES)
-def test_logits_match_peft_per_row(kit_factory, arch):
+def test_logits_match_peft_per_row(kit_factory, arch, backend):
     kit = kit_factory(arch)
     ids, mask = padded_batch(len(ROWS), LENGTHS)
     with torch.no_grad():
         expected = _oracle(kit, lambda m: m(input_ids=ids, attention_mask=mask).logits)
-        model = kit.wrapped(max_loras=4)
+        model = kit.wrapped(max_loras=4, backend=backend)
         got = model(input_ids=ids, attention_mask=mask, adapter_names=ROWS).logits
     for row, (name, want) in enumerate(zip(ROWS, expected)):
         real = mask[row].bool()
@@ -37,27 +38,29 @@ def test_logits_match_peft_per_row(kit_factory, arch):
         assert torch.equal(got[row], expected[row][row])
 
 
+@pytest.mark.parametrize("backend", backend_names())
 @pytest.mark.parametrize("arch", toy.ARCHITECTURES)
-def test_greedy_generate_matches_peft(kit_factory, arch):
+def test_greedy_generate_matches_peft(kit_factory, arch, backend):
     kit = kit_factory(arch)
     ids, mask = padded_batch(len(ROWS), LENGTHS, seed=1)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         expected = _oracle(kit, lambda m: m.generate(**kwargs))
-        got = kit.wrapped(max_loras=4).generate(adapter_names=ROWS, **kwargs)
+        got = kit.wrapped(max_loras=4, backend=backend).generate(adapter_names=ROWS, **kwargs)
     for row, want in enumerate(expected):
         assert got[row].tolist() == want[row].tolist(), f"row {row} ({ROWS[row]})"
 
 
+@pytest.mark.parametrize("backend", backend_names())
 @pytest.mark.parametrize("arch", toy.ARCHITECTURES)
-def test_beam_search_matches_peft(kit_factory, arch):
+def test_beam_search_matches_peft(kit_factory, arch, backend):
     kit = kit_factory(arch)
     rows = ["all4", None, "regex_pat"]
     ids, mask = padded_batch(len(rows), [5, 6, 4], seed=2)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, num_beams=3, num_return_sequences=2,
                   do_sample=False)
     with torch.no_grad():
-        got = kit.wrapped(max_loras=4).generate(adapter_names=rows, **kwargs)
+        got = kit.wrapped(max_loras=4, backend=backend).generate(adapter_names=rows, **kwargs)
         for row, name in enumerate(rows):
             oracle = kit.base if name is None else kit.peft(name)
             want = oracle.generate(**kwargs)

@@ -70,7 +70,7 @@ def test_load_unload_cycles_leave_nothing_behind(llama_kit):
         assert "all4" not in model.adapters and "all4" not in model.slot_contents()
         for layer in model._layers.values():  # the freed slot holds nothing
             slot = model.slot_contents().index(E)
-            assert layer.ranks[slot] == 0 and not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
+            assert layer.lora_ranks[slot] == 0 and not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
         model.load_adapter("all4", llama_kit.paths["all4"])
         with torch.no_grad():
             again = model(ids, adapter_names=["all4", "attn8_rs"]).logits

@@ -1,9 +1,11 @@
-"""The torch backend: the LoRA delta over the sorted segments of a `TokenMapping`.
+"""The torch backend: LoRA ops in plain torch over a `TokenMapping`. Correct on every device, tuned for CPU.
 
-On CPU one grouped GEMM per projection (shrink, then expand) covers every segment at once, so the
-cost does not grow with the number of distinct adapters in Python. Layouts that grouped GEMM does not
-take (rank or feature sizes whose rows are not 16-byte multiples, any non-CPU device for now) run one
-matmul pair per segment on contiguous slices.
+`add_lora` picks one of two shapes of work from the mapping, the same for every layer of a call:
+- segments: one matmul pair per segment, on contiguous slices of the slot buffers cut to the slot's
+  rank. Used for a single adapter and for prefill, where each adapter has many tokens.
+- gathered: when many adapters have few tokens each (decode with distinct adapters), each token's
+  rank-cut weights are gathered and two batched matmuls do all tokens at once. A Python loop over
+  segments would otherwise cost more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -12,48 +14,120 @@ import torch
 
 from ..mapping import TokenMapping
 
-_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+# gather per token when there are at least 2 segments and at most this many tokens per segment on average
+GATHER_MAX_TOKENS_PER_SEGMENT = 8
 
 
-def _grouped_mm_takes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Grouped GEMM wants CPU tensors whose rows start on 16-byte boundaries."""
-    if _grouped_mm is None or x.device.type != "cpu":
-        return False
-    size = x.element_size()
-    return all(n * size % 16 == 0 for n in (lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]))
+def _gathers(tokens: TokenMapping) -> bool:
+    n = len(tokens.segments)
+    return n > 1 and tokens.num_active <= GATHER_MAX_TOKENS_PER_SEGMENT * n
 
 
 class TorchBackend:
-    """LoRA ops in plain torch; correct on every device, fast on CPU."""
+    """LoRA ops in plain torch. Stateless: one instance serves every layer of a model."""
 
     name = "torch"
 
-    def add_lora(
-        self, y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, tokens: TokenMapping
+    def lora_shrink(
+        self, x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor, tokens: TokenMapping
+    ) -> torch.Tensor:
+        """Semantics:
+          h[i, :r] = x[i] @ lora_a[s, :r].T      for every token i with slot s >= 0, r = lora_ranks[s]
+          h[i, :]  = 0                           everywhere else
+        Args:
+          x:          [T, in]
+          lora_a:     [S, R, in]
+          lora_ranks: [S] int32
+        Returns:
+          h: [T, R] float32
+        """
+        h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+        ranks = lora_ranks.tolist()
+        for slot, start, end in tokens.segments:
+            r = ranks[slot]
+            rows = tokens.index[start:end]
+            h[rows, :r] = (x.index_select(0, rows) @ lora_a[slot, :r].T).float()  # [n, r]
+        return h
+
+    def lora_expand(
+        self, y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, lora_ranks: torch.Tensor, tokens: TokenMapping
     ) -> None:
-        """Add the LoRA delta of every token's slot to `y`.
+        """Semantics:
+          y[i] += h[i, :r] @ lora_b[s, :, :r].T   for every token i with slot s >= 0, r = lora_ranks[s]
+        Args:
+          y:          [T, out]  modified in place; tokens of slot -1 are not written
+          h:          [T, R]
+          lora_b:     [S, out, R]
+          lora_ranks: [S] int32
+        """
+        ranks = lora_ranks.tolist()
+        for slot, start, end in tokens.segments:
+            r = ranks[slot]
+            rows = tokens.index[start:end]
+            delta = h.index_select(0, rows)[:, :r].to(lora_b.dtype) @ lora_b[slot, :, :r].T  # [n, out]
+            y.index_add_(0, rows, delta.to(y.dtype))
+
+    def add_lora(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        lora_ranks: torch.Tensor,
+        tokens: TokenMapping,
+    ) -> None:
+        """Add the LoRA delta of every token's slot to `y` (shrink and expand in one call).
 
         Semantics:
-          y[i] += x[i] @ lora_a[s].T @ lora_b[s].T      for every token i whose row has slot s >= 0
+          y[i] += x[i] @ lora_a[s].T @ lora_b[s].T      for every token i with slot s >= 0
         Args:
-          y:       [T, out]  modified in place
-          x:       [T, in]
-          lora_a:  [S, R, in]
-          lora_b:  [S, out, R]  scaling already folded in
-          tokens:  the mapping of these T tokens (index of tokens with an adapter, per-slot offsets)
+          y:          [T, out]  modified in place; tokens of slot -1 are not written
+          x:          [T, in]
+          lora_a:     [S, R, in]
+          lora_b:     [S, out, R]  scaling already folded in
+          lora_ranks: [S] int32; the padding past a slot's rank is never read
         """
-        if tokens.num_tokens == 0:
+        if not tokens.segments:
             return
-        xs = x.contiguous() if tokens.identity else x.index_select(0, tokens.index)  # [Ta, in], by slot
-        if _grouped_mm_takes(x, lora_a, lora_b):
-            h = _grouped_mm(xs, lora_a.transpose(1, 2), offs=tokens.offsets)  # [Ta, R]
-            delta = _grouped_mm(h, lora_b.transpose(1, 2), offs=tokens.offsets)  # [Ta, out]
+        ranks = lora_ranks.tolist()
+        if _gathers(tokens):
+            self._add_gathered(y, x, lora_a, lora_b, ranks, tokens)
         else:
-            delta = xs.new_empty(xs.shape[0], lora_b.shape[1])  # [Ta, out]
-            for slot, start, end in tokens.segments:
-                h = xs[start:end] @ lora_a[slot].T  # [n, R]
-                torch.matmul(h, lora_b[slot].T, out=delta[start:end])
-        if tokens.identity:
-            y.add_(delta)
+            self._add_segments(y, x, lora_a, lora_b, ranks, tokens)
+
+    @staticmethod
+    def _add_segments(y, x, lora_a, lora_b, ranks, tokens: TokenMapping) -> None:
+        if tokens.identity:  # every token has an adapter, already in slot order: work on y in place
+            xs, out = x, y
         else:
-            y.index_add_(0, tokens.index, delta)
+            xs = x.index_select(0, tokens.index)  # [Ta, in], grouped by slot
+            out = y.new_zeros(xs.shape[0], y.shape[1])  # [Ta, out]
+        full_rank, whole = lora_a.shape[1], (0, xs.shape[0])
+        for slot, start, end in tokens.segments:
+            r = ranks[slot]
+            if not r:
+                continue
+            a, b = (lora_a[slot], lora_b[slot]) if r == full_rank else (lora_a[slot, :r], lora_b[slot, :, :r])
+            if (start, end) == whole:  # one segment: no slicing
+                out.addmm_(xs @ a.T, b.T)  # [T, r] @ [r, out]
+            else:
+                out[start:end].addmm_(xs[start:end] @ a.T, b.T)  # [n, r] @ [r, out]
+        if out is not y:
+            y.index_add_(0, tokens.index, out)
+
+    @staticmethod
+    def _add_gathered(y, x, lora_a, lora_b, ranks, tokens: TokenMapping) -> None:
+        r = max(ranks[slot] for slot, _, _ in tokens.segments)
+        if not r:
+            return
+        if tokens.all_active:  # no reordering needed: each token reads its own slot
+            xs, slots = x, tokens.token_slots
+        else:
+            xs, slots = x.index_select(0, tokens.index), tokens.active_slots
+        a = lora_a[:, :r].index_select(0, slots)  # [Ta, r, in]
+        b = lora_b[:, :, :r].index_select(0, slots)  # [Ta, out, r]
+        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [Ta, 1, r]
+        if tokens.all_active:
+            y.unsqueeze(1).baddbmm_(h, b.transpose(1, 2))  # [T, 1, out]
+        else:
+            y.index_add_(0, tokens.index, torch.bmm(h, b.transpose(1, 2)).squeeze(1))
