@@ -161,3 +161,17 @@ def test_torch_backend_both_shapes_of_work(monkeypatch, threshold):
     for pattern in PATTERNS:
         for rows, per_row in [(16, 1), (5, 3)]:
             check_add_lora(TorchBackend(), make_case(rows, per_row, 64, 96, torch.float32, pattern), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row_slots", [
+    (0, 1, 2, 3),  # one token per slot, contiguous, in order: slot buffers used in place
+    (3, 1, 2, 0),  # contiguous but permuted
+    (2, -1, 1, 3),  # contiguous range 1..3 with a base row
+    (1, 3),  # not contiguous: weights gathered
+    (3, 3, -1, 0),
+])
+def test_add_lora_explicit_decode_layouts(backend, row_slots):
+    case = make_case(len(row_slots), 1, 40, 24, torch.float32, "identical", seed=5)
+    case.row_slots = row_slots
+    check_add_lora(backend, case, torch.float32)

@@ -3,9 +3,10 @@
 `add_lora` picks one of two shapes of work from the mapping, the same for every layer of a call:
 - segments: one matmul pair per segment, on contiguous slices of the slot buffers cut to the slot's
   rank. Used for a single adapter and for prefill, where each adapter has many tokens.
-- gathered: when many adapters have few tokens each (decode with distinct adapters), each token's
-  rank-cut weights are gathered and two batched matmuls do all tokens at once. A Python loop over
-  segments would otherwise cost more than the arithmetic.
+- batched: when many adapters have few tokens each (decode with distinct adapters), two batched
+  matmuls do all tokens at once, each token with its slot's rank-cut weights. A Python loop over
+  segments would cost more than the arithmetic. With one token per slot over a contiguous range of
+  slots, the slot buffers are used in place; otherwise each token's weights are gathered.
 """
 
 from __future__ import annotations
@@ -120,14 +121,21 @@ class TorchBackend:
         r = max(ranks[slot] for slot, _, _ in tokens.segments)
         if not r:
             return
-        if tokens.all_active:  # no reordering needed: each token reads its own slot
-            xs, slots = x, tokens.token_slots
+        first, last = tokens.segments[0][0], tokens.segments[-1][0]
+        if tokens.num_active == len(tokens.segments) == last - first + 1:
+            # one token per slot and the slots are a contiguous range: the slot buffers, in slot order,
+            # already are the per-token weights
+            xs = x if tokens.identity else x.index_select(0, tokens.index)  # [Ta, in], in slot order
+            a, b = lora_a[first:last + 1, :r], lora_b[first:last + 1, :, :r]  # [Ta, r, in], [Ta, out, r]
+            in_place = tokens.identity
         else:
-            xs, slots = x.index_select(0, tokens.index), tokens.active_slots
-        a = lora_a[:, :r].index_select(0, slots)  # [Ta, r, in]
-        b = lora_b[:, :, :r].index_select(0, slots)  # [Ta, out, r]
+            in_place = tokens.all_active  # then each token reads its own slot, in token order
+            xs = x if in_place else x.index_select(0, tokens.index)
+            slots = tokens.token_slots if in_place else tokens.active_slots
+            a = lora_a[:, :r].index_select(0, slots)  # [Ta, r, in]
+            b = lora_b[:, :, :r].index_select(0, slots)  # [Ta, out, r]
         h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [Ta, 1, r]
-        if tokens.all_active:
+        if in_place:
             y.unsqueeze(1).baddbmm_(h, b.transpose(1, 2))  # [T, 1, out]
         else:
             y.index_add_(0, tokens.index, torch.bmm(h, b.transpose(1, 2)).squeeze(1))
