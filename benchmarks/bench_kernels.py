@@ -25,8 +25,9 @@ CPU contestants (fp32):
   gather_bmm  gather every row's whole (padded) slot weights, then two batched matmuls
 
 GPU contestants (bf16, only when CUDA is available; meant for a GPU machine, not run in CI):
-  triton      `TritonBackend().add_lora` (the BGMV kernels)
-  ours        `TorchBackend().add_lora` on the GPU
+  triton      `TritonBackend().add_lora` (the BGMV kernels; the warm-up compiles them)
+  ours        `TorchBackend().add_lora` on the GPU; `lora_ranks` stays on the GPU as in the model, so
+              each call syncs once to read the ranks
 
 Timing: each contestant is warmed up, then timed in blocks of calls sized to about a tenth of
 `--min-time`; the contestants' blocks are interleaved round by round until each one has run for
@@ -43,6 +44,7 @@ Before timing, every config checks that all contestants give the same y (allclos
     python benchmarks/bench_kernels.py --json kernels.json --plot kernels.png
     python benchmarks/bench_kernels.py --shapes 4096x4096 --ranks 16 --batches 1 16 \\
         --patterns distinct identical --min-time 0.02                     # a quick smoke run
+    python benchmarks/bench_kernels.py --devices cuda --json gpu.json     # GPU contestants only
 
 CPU timings depend on glibc's malloc: by default it may hand a freed multi-MiB buffer back to the OS
 and page-fault it in again on the next call, or not, depending on what ran before in the process (a
@@ -121,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: cpu, plus cuda when it is available")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per contestant (default 0.2)")
     p.add_argument("--max-reps", type=int, default=10000, help="at most this many timed calls per contestant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per contestant first (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="unreported calls per contestant first (default 3)")
     p.add_argument("--hbm-gbs", type=float, default=4800.0, help="GPU memory bandwidth in GB/s (default 4800: H200)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--default-malloc", action="store_true",
@@ -471,7 +473,10 @@ def main(argv=None) -> int:
                     f"Geometric-mean speedup of {suite.contestants[0]} ({suite.device}):", "",
                     summary_table(suite, summaries[suite.device]), ""]
     agree = all(r["agree"] for r in results)
+    num_slots = slots_needed(args.batches, args.patterns, args.seed)
     out += [f"all contestants agree: {'yes' if agree else 'NO'}",
+            f"{num_slots} slots, {args.slot_order}, slot width {args.slot_rank or 'the rank'}; "
+            f"timing: warm-up {args.warmup}, min-time {args.min_time} s, max-reps {args.max_reps}",
             f"torch {torch.__version__}, threads {torch.get_num_threads()}, malloc {malloc}"
             + (f", {torch.cuda.get_device_name()}" if "cuda" in args.devices else ""),
             f"command: {command}"]

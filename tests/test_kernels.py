@@ -154,10 +154,10 @@ def test_padding_past_the_rank_is_never_read(backend):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("threshold", [0, 1000])
-def test_torch_backend_both_shapes_of_work(monkeypatch, threshold):
-    """Segments (threshold 0) and gathered (threshold 1000) give the reference's result."""
-    monkeypatch.setattr(torch_ops, "GATHER_MAX_TOKENS_PER_SEGMENT", threshold)
+@pytest.mark.parametrize("overhead", [-1, 1 << 40])
+def test_torch_backend_both_shapes_of_work(monkeypatch, overhead):
+    """Segments (no overhead per segment) and batched (huge overhead) give the reference's result."""
+    monkeypatch.setattr(torch_ops, "SEGMENT_OVERHEAD_BYTES", overhead)
     for pattern in PATTERNS:
         for rows, per_row in [(16, 1), (5, 3)]:
             check_add_lora(TorchBackend(), make_case(rows, per_row, 64, 96, torch.float32, pattern), torch.float32)
@@ -175,3 +175,17 @@ def test_add_lora_explicit_decode_layouts(backend, row_slots):
     case = make_case(len(row_slots), 1, 40, 24, torch.float32, "identical", seed=5)
     case.row_slots = row_slots
     check_add_lora(backend, case, torch.float32)
+
+
+@pytest.mark.parametrize("rows,per_row,d,pattern,batched", [
+    (4, 1, 4096, "distinct", True),  # one token per slot over slots 0..3: the buffers serve in place
+    (16, 1, 512, "distinct", True),  # small weights: copying them beats a loop over 4 segments
+    (16, 1, 512, "identical", False),  # one segment
+    (64, 1, 4096, "uniform", False),  # adapters shared by many tokens, large weights: copies would dominate
+    (3, 33, 512, "distinct", False),  # prefill: 33 tokens per adapter
+])
+def test_torch_backend_chooses_the_cheaper_shape_of_work(rows, per_row, d, pattern, batched):
+    gen = torch.Generator().manual_seed(0)
+    tokens = BatchMapping(popularity(pattern, rows, gen), NUM_SLOTS).tokens(rows * per_row, torch.device("cpu"))
+    a, b = torch.empty(NUM_SLOTS, 16, d), torch.empty(NUM_SLOTS, d, 16)
+    assert torch_ops._batches(tokens, [16] * NUM_SLOTS, a, b) is batched

@@ -2,7 +2,8 @@
 
 `add_lora` picks one of two shapes of work from the mapping, the same for every layer of a call:
 - segments: one matmul pair per segment, on contiguous slices of the slot buffers cut to the slot's
-  rank. Used for a single adapter and for prefill, where each adapter has many tokens.
+  rank. Used for a single adapter, for prefill, and whenever adapters shared by several tokens have
+  large weights.
 - batched: when many adapters have few tokens each (decode with distinct adapters), two batched
   matmuls do all tokens at once, each token with its slot's rank-cut weights. A Python loop over
   segments would cost more than the arithmetic. With one token per slot over a contiguous range of
@@ -15,13 +16,34 @@ import torch
 
 from ..mapping import TokenMapping
 
-# gather per token when there are at least 2 segments and at most this many tokens per segment on average
-GATHER_MAX_TOKENS_PER_SEGMENT = 8
+# What one more segment costs the loop (two small matmuls and their slicing, ~20 us on a 2-core CPU),
+# counted in bytes of weights that the batched path copies in that time. Calibrated with
+# benchmarks/bench_kernels.py: the break-even lay between 0.5 and 1.3 MiB on the CPU measured.
+SEGMENT_OVERHEAD_BYTES = 768 * 1024
 
 
-def _gathers(tokens: TokenMapping) -> bool:
-    n = len(tokens.segments)
-    return n > 1 and tokens.num_active <= GATHER_MAX_TOKENS_PER_SEGMENT * n
+def _slot_range(tokens: TokenMapping):
+    """(first, last) when the batch has one token per slot over the contiguous slots first..last."""
+    first, last = tokens.segments[0][0], tokens.segments[-1][0]
+    if tokens.num_active == len(tokens.segments) == last - first + 1:
+        return first, last
+    return None
+
+
+def _batches(tokens: TokenMapping, ranks: list, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether two batched matmuls beat a loop over the segments.
+
+    The batched path copies each token's weights (unless the slot buffers can serve in place); the
+    loop pays a fixed overhead per segment. Choose the cheaper.
+    """
+    segments = len(tokens.segments)
+    if segments < 2:
+        return False
+    if _slot_range(tokens) is not None:
+        return True
+    r = max(ranks[slot] for slot, _, _ in tokens.segments)
+    copied = tokens.num_active * r * (lora_a.shape[2] + lora_b.shape[1]) * lora_a.element_size()
+    return copied <= segments * SEGMENT_OVERHEAD_BYTES
 
 
 class TorchBackend:
@@ -91,7 +113,7 @@ class TorchBackend:
         if not tokens.segments:
             return
         ranks = lora_ranks.tolist()
-        if _gathers(tokens):
+        if _batches(tokens, ranks, lora_a, lora_b):
             self._add_gathered(y, x, lora_a, lora_b, ranks, tokens)
         else:
             self._add_segments(y, x, lora_a, lora_b, ranks, tokens)
@@ -121,10 +143,11 @@ class TorchBackend:
         r = max(ranks[slot] for slot, _, _ in tokens.segments)
         if not r:
             return
-        first, last = tokens.segments[0][0], tokens.segments[-1][0]
-        if tokens.num_active == len(tokens.segments) == last - first + 1:
+        slot_range = _slot_range(tokens)
+        if slot_range is not None:
             # one token per slot and the slots are a contiguous range: the slot buffers, in slot order,
             # already are the per-token weights
+            first, last = slot_range
             xs = x if tokens.identity else x.index_select(0, tokens.index)  # [Ta, in], in slot order
             a, b = lora_a[first:last + 1, :r], lora_b[first:last + 1, :, :r]  # [Ta, r, in], [Ta, out, r]
             in_place = tokens.identity
