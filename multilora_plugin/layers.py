@@ -26,8 +26,9 @@ class MultiLoRALinear(nn.Module):
     """y = base_layer(x) + the LoRA delta of each row's slot.
 
     Slot buffers are padded to `max_lora_rank`; `lora_ranks[s]` is the true rank in slot s (0 = empty
-    or not targeted by the adapter in that slot), and kernels never read past it. Zero padding adds exactly zero, so rows of slot s get
-    the adapter's exact delta and rows of slot -1 get exactly `base_layer(x)`.
+    or not targeted by the adapter in that slot), and kernels never read past it. Zero padding adds
+    exactly zero, so rows of slot s get the adapter's exact delta and rows of slot -1 get exactly
+    `base_layer(x)`.
     """
 
     def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend):

@@ -18,11 +18,12 @@ from multilora_plugin import toy  # noqa: E402
 
 torch.set_num_threads(2)
 
+TRITON_MISSING = importlib.util.find_spec("triton") is None
+
 
 def backend_names() -> list:
     """`wrap(backend=...)` values that can run here, as pytest params."""
-    triton_missing = importlib.util.find_spec("triton") is None
-    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(triton_missing, reason="triton is not installed"))]
+    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed"))]
 
 
 def kernel_backends() -> list:
@@ -30,7 +31,7 @@ def kernel_backends() -> list:
     from multilora_plugin.kernels import TorchBackend
 
     backends = [pytest.param(TorchBackend(), id="torch")]
-    if importlib.util.find_spec("triton") is None:
+    if TRITON_MISSING:
         backends.append(pytest.param(None, id="triton", marks=pytest.mark.skip(reason="triton is not installed")))
     else:
         from multilora_plugin.kernels.triton_ops import TritonBackend

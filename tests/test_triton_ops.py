@@ -5,15 +5,15 @@ On CPU the kernels run under TRITON_INTERPRET=1 (conftest.py); the CUDA-graph te
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from multilora_plugin import BatchMapping, KernelInputError
 from multilora_plugin.kernels import add_lora_reference
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+from .conftest import TRITON_MISSING
+
+pytestmark = pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -30,20 +30,21 @@ def _slot_range(tokens: TokenMapping):
     return None
 
 
-def _batches(tokens: TokenMapping, ranks: list, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Whether two batched matmuls beat a loop over the segments.
+def _batched_plan(tokens: TokenMapping, ranks: list, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    """(r, slot range) when two batched matmuls beat a loop over the segments, else None.
 
-    The batched path copies each token's weights (unless the slot buffers can serve in place); the
-    loop pays a fixed overhead per segment. Choose the cheaper.
+    The batched path copies each token's weights cut to r, the batch's largest rank (unless the slot
+    buffers can serve in place); the loop pays a fixed overhead per segment. Choose the cheaper.
     """
     segments = len(tokens.segments)
     if segments < 2:
-        return False
-    if _slot_range(tokens) is not None:
-        return True
+        return None
     r = max(ranks[slot] for slot, _, _ in tokens.segments)
+    slot_range = _slot_range(tokens)
     copied = tokens.num_active * r * (lora_a.shape[2] + lora_b.shape[1]) * lora_a.element_size()
-    return copied <= segments * SEGMENT_OVERHEAD_BYTES
+    if slot_range is None and copied > segments * SEGMENT_OVERHEAD_BYTES:
+        return None
+    return r, slot_range
 
 
 class TorchBackend:
@@ -113,10 +114,11 @@ class TorchBackend:
         if not tokens.segments:
             return
         ranks = lora_ranks.tolist()
-        if _batches(tokens, ranks, lora_a, lora_b):
-            self._add_gathered(y, x, lora_a, lora_b, ranks, tokens)
-        else:
+        plan = _batched_plan(tokens, ranks, lora_a, lora_b)
+        if plan is None:
             self._add_segments(y, x, lora_a, lora_b, ranks, tokens)
+        else:
+            self._add_batched(y, x, lora_a, lora_b, *plan, tokens)
 
     @staticmethod
     def _add_segments(y, x, lora_a, lora_b, ranks, tokens: TokenMapping) -> None:
@@ -139,11 +141,10 @@ class TorchBackend:
             y.index_add_(0, tokens.index, out)
 
     @staticmethod
-    def _add_gathered(y, x, lora_a, lora_b, ranks, tokens: TokenMapping) -> None:
-        r = max(ranks[slot] for slot, _, _ in tokens.segments)
+    def _add_batched(y, x, lora_a, lora_b, r: int, slot_range, tokens: TokenMapping) -> None:
+        """Two bmm over all tokens, each with its slot's weights cut to rank `r` (the batch's largest)."""
         if not r:
             return
-        slot_range = _slot_range(tokens)
         if slot_range is not None:
             # one token per slot and the slots are a contiguous range: the slot buffers, in slot order,
             # already are the per-token weights
