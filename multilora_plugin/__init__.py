@@ -1,11 +1,11 @@
 """multilora_plugin: serve many LoRA adapters on one Hugging Face model, mixed in one batch.
 
     model = multilora_plugin.wrap(hf_model, max_loras=4)
-    model.load_adapter("sql", "adapters/sql")
+    model.load_adapter("sql", "adapters/sql")      # or register_adapter: read on first use
     out = model.generate(input_ids, attention_mask=mask, adapter_names=["sql", None])
 """
 
-from .adapters import EMPTY
+from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats
 from .config import MultiLoRAConfig
 from .errors import (
     AdapterExistsError,
@@ -30,9 +30,12 @@ __all__ = [
     "EMPTY",
     "AdapterExistsError",
     "AdapterInfo",
+    "AdapterEvent",
     "AdapterLoadError",
     "AdapterNotFoundError",
+    "AdapterState",
     "BatchMapping",
+    "CacheStats",
     "CapacityError",
     "ConfigError",
     "IncompatibleAdapterError",

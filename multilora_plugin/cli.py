@@ -46,8 +46,8 @@ def run_demo(new_tokens: int = 12, seed: int = 0) -> int:
         model = multilora_plugin.wrap(copy.deepcopy(base), max_loras=4)
         for name, path in paths.items():
             info = model.load_adapter(name, path)
-            print(f"loaded adapter {name!r:7} rank {info.rank:2}  {len(info.target_modules):2} modules  "
-                  f"{info.num_bytes / 1024:6.1f} KiB")
+            print(f"loaded adapter {name!r:7} rank {info.rank:2}  {info.num_bytes / 1024:6.1f} KiB  "
+                  f"({info.state.value})")
         names = [name for name, _ in DEMO_ROWS]
         batch = tokenizer([prompt for _, prompt in DEMO_ROWS], return_tensors="pt", padding=True)
         kwargs = dict(**batch, max_new_tokens=new_tokens, do_sample=False)

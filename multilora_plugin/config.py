@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from .errors import ConfigError
 
@@ -18,6 +18,8 @@ class MultiLoRAConfig:
     """How `wrap()` patches a model.
 
     max_loras:      adapters resident in slots at once (the base model never takes a slot)
+    max_cpu_loras:  adapters whose weights are kept in CPU memory (slot residents included);
+                    default max(4 * max_loras, 8); more can be registered, they are read on demand
     max_lora_rank:  slot buffers are padded to this rank; adapters of a higher rank are refused
     target_modules: "all-linear" (every nn.Linear / Conv1D but the output embeddings), a list of
                     module names or name suffixes (PEFT's rule), or a regex that must match a whole name
@@ -26,6 +28,7 @@ class MultiLoRAConfig:
 
     max_loras: int = 4
     max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
     target_modules: TargetModules = ALL_LINEAR
     backend: str = "auto"
 
@@ -34,6 +37,14 @@ class MultiLoRAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"`{name}` should be an int >= 1, but got {value!r}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(4 * self.max_loras, 8)
+        value = self.max_cpu_loras
+        if isinstance(value, bool) or not isinstance(value, int) or value < self.max_loras:
+            raise ConfigError(
+                f"`max_cpu_loras` should be an int >= max_loras ({self.max_loras}): every adapter in a slot "
+                f"keeps its CPU copy; but got {value!r}"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"`backend` should be one of {BACKENDS}, but got {self.backend!r}")
         target = self.target_modules

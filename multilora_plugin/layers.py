@@ -64,15 +64,21 @@ class MultiLoRALinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> None:
-        """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot."""
+    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                   non_blocking: bool = False) -> None:
+        """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot.
+        `non_blocking` copies from pinned CPU memory without waiting (CUDA)."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         rank = 0 if a is None else a.shape[0]
         if rank:
-            self.lora_a[slot, :rank].copy_(a)
-            self.lora_b[slot, :, :rank].copy_(b)
-        self.lora_ranks[slot] = rank
+            self.lora_a[slot, :rank].copy_(a, non_blocking=non_blocking)
+            self.lora_b[slot, :, :rank].copy_(b, non_blocking=non_blocking)
+        self.lora_ranks[slot].fill_(rank)
+
+    def slot_bytes(self) -> int:
+        """Memory the slot buffers reserve."""
+        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.lora_ranks))
 
     def extra_repr(self) -> str:
         slots, rank, _ = self.lora_a.shape

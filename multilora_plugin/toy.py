@@ -112,3 +112,30 @@ def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8,
         peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(os.fspath(path))
     return os.fspath(path)
+
+
+def make_adapters(model: nn.Module, root: Union[str, os.PathLike], names: Sequence[str], *, r: int = 4,
+                  lora_alpha: float = 8, target_modules: Union[str, Sequence[str]] = "all-linear",
+                  seed: int = 0) -> dict:
+    """Write one random PEFT LoRA adapter per name under `root`, fast enough for thousands.
+
+    One PEFT model is built; before each `save_pretrained` its LoRA weights are drawn afresh, so
+    every adapter differs. Returns {name: path}.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+    lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    generator = torch.Generator().manual_seed(seed)
+    paths = {}
+    for name in names:
+        with torch.no_grad():
+            for p in lora:  # scaled by 1/sqrt(fan-in) so that deltas stay of the order of the base output
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+        paths[name] = os.path.join(os.fspath(root), name)
+        peft_model.save_pretrained(paths[name])
+    return paths

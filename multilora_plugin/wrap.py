@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -9,24 +10,34 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .adapters import AdapterWeights, ModelModules, SlotTable, read_adapter
+from .adapters import (
+    BASE_MODEL,
+    AdapterCache,
+    AdapterSource,
+    AdapterState,
+    AdapterWeights,
+    CacheStats,
+    ModelModules,
+    read_adapter,
+    read_source,
+)
 from .config import MultiLoRAConfig, TargetModules
-from .errors import AdapterExistsError, AdapterNotFoundError, InvalidRequestError, WrapError
+from .errors import InvalidRequestError, WrapError
 from .kernels import select_backend
 from .layers import MultiLoRALinear, linear_shape, swap_linears
 from .mapping import BatchMapping, ForwardContext, expand_rows
-
-BASE_MODEL = "__base__"  # PEFT's name for "no adapter"; None means the same
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
     name: str
     path: str
-    rank: int  # the largest rank over the adapter's modules
+    state: AdapterState
+    version: int  # 1, +1 for each `load_adapter(..., replace=True)`
+    rank: int  # the largest rank its config gives a module
     alpha: float  # `lora_alpha` of the config (per-module patterns may differ)
-    target_modules: tuple  # the wrapped modules the adapter changes
-    num_bytes: int  # CPU memory held by its weights
+    num_bytes: Optional[int]  # CPU memory held by its weights; None while not in memory
+    target_modules: Optional[tuple]  # the wrapped modules it changes; None while not in memory
 
 
 def wrap(
@@ -34,6 +45,7 @@ def wrap(
     *,
     max_loras: int = 4,
     max_lora_rank: int = 16,
+    max_cpu_loras: Optional[int] = None,
     target_modules: TargetModules = "all-linear",
     backend: str = "auto",
 ) -> "MultiLoRAModel":
@@ -42,7 +54,8 @@ def wrap(
     The model is changed in place (`MultiLoRAModel.unwrap()` restores it). See `MultiLoRAConfig`.
     """
     config = MultiLoRAConfig(
-        max_loras=max_loras, max_lora_rank=max_lora_rank, target_modules=target_modules, backend=backend
+        max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
+        target_modules=target_modules, backend=backend,
     )
     return MultiLoRAModel(model, config)
 
@@ -95,9 +108,17 @@ class MultiLoRAModel(nn.Module):
             all_names=frozenset(n for n, _ in model.named_modules()),
             output_embedding=self._output_embedding,
             max_lora_rank=config.max_lora_rank,
+            dtype=first.dtype if first is not None and first.is_floating_point() else None,
         )
-        self._slots = SlotTable(config.max_loras)
-        self._adapters: dict = {}
+        device = first.device if first is not None else torch.device("cpu")
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._cache = AdapterCache(
+            num_slots=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+            read=self._read_weights,
+            write=self._write_slots,
+            slot_buffer_bytes=sum(layer.slot_bytes() for layer in self._layers.values()),
+        )
         self._last_mapping: Optional[BatchMapping] = None
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -123,57 +144,97 @@ class MultiLoRAModel(nn.Module):
 
     # adapters ---------------------------------------------------------------------------------------
     @property
+    def adapter_cache(self) -> AdapterCache:
+        """The tiered cache behind the adapter methods (for engines: `acquire` / `release` / `prefetch`)."""
+        return self._cache
+
+    @property
     def adapters(self) -> dict:
-        """{name: AdapterInfo} for every loaded adapter."""
-        return {name: self._info(weights) for name, weights in self._adapters.items()}
+        """{name: AdapterInfo} for every registered adapter, in registration order."""
+        cache = self._cache
+        return {name: self._info(name) for name in cache.names()}
 
-    @staticmethod
-    def _info(w: AdapterWeights) -> AdapterInfo:
-        return AdapterInfo(w.name, w.path, w.rank, w.config.lora_alpha, tuple(w.modules), w.num_bytes)
+    def _info(self, name: str) -> AdapterInfo:
+        source, weights = self._cache.source(name), self._cache.weights(name)
+        return AdapterInfo(
+            name=name, path=source.path, state=self._cache.state(name), version=source.version,
+            rank=source.rank, alpha=source.config.lora_alpha,
+            num_bytes=None if weights is None else weights.num_bytes,
+            target_modules=None if weights is None else tuple(weights.modules),
+        )
 
-    def load_adapter(self, name: str, path: "str | os.PathLike") -> AdapterInfo:
-        """Read a PEFT LoRA adapter directory into CPU memory under `name`.
+    def register_adapter(self, name: str, path: "str | os.PathLike") -> AdapterInfo:
+        """Make a PEFT LoRA adapter directory servable under `name`, reading only its config.
+
+        Its weights are read (and fully validated) when a batch or `prefetch` first needs it.
+        """
+        self._cache.register(read_source(name, path, self.multilora_config.max_lora_rank))
+        return self._info(name)
+
+    def load_adapter(self, name: str, path: "str | os.PathLike", *, replace: bool = False) -> AdapterInfo:
+        """Register a PEFT LoRA adapter directory under `name` and read its weights into CPU memory now.
 
         Nothing changes unless the whole adapter is valid for this model. It takes a slot only when a
-        batch first uses it.
+        batch first uses it. With `replace=True` an adapter of that name gets the new weights in place
+        (a new version); a batch already using it switches at its next forward, never within one.
         """
-        if not isinstance(name, str) or not name or name == BASE_MODEL:
-            raise InvalidRequestError(f"an adapter name should be a non-empty str other than {BASE_MODEL!r}, got {name!r}")
-        if name in self._adapters:
-            raise AdapterExistsError(
-                f"an adapter named {name!r} is already loaded (from {self._adapters[name].path!r}); "
-                "unload it first or pick another name"
-            )
-        if not os.path.isdir(path) and os.path.isdir(name):
-            raise InvalidRequestError(
-                f"`load_adapter(name, path)` takes the name first, but got the directory {name!r} as the name "
-                f"and {os.fspath(path)!r} as the path (PEFT's order is the other way round)"
-            )
-        weights = read_adapter(name, path, self._modules_info)
-        self._adapters[name] = weights
-        return self._info(weights)
+        if not isinstance(replace, bool):
+            raise InvalidRequestError(f"`replace` should be a bool, but got {replace!r}")
+        source = read_source(name, path, self.multilora_config.max_lora_rank)
+        self._cache.register(source, self._read_weights(source), replace=replace)
+        return self._info(name)
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter: its slot is emptied and its CPU copy released."""
-        if name not in self._adapters:
-            raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded adapters: {sorted(self._adapters)}")
-        slot = self._slots.release(name)
-        if slot is not None:
-            self._write_slot(slot, None)
-        del self._adapters[name]
+        """Forget an adapter: its slot and its CPU copy are freed (once no running batch uses it)."""
+        self._cache.unregister(name)
+
+    def prefetch(self, names: Sequence[str]) -> dict:
+        """Read adapters disk → CPU in the background; returns {name: concurrent.futures.Future}."""
+        return self._cache.prefetch(names)
+
+    def pin_adapter(self, name: str) -> int:
+        """Keep an adapter in a slot until `unpin_adapter`; returns the slot."""
+        return self._cache.pin(name)
+
+    def unpin_adapter(self, name: str) -> None:
+        self._cache.unpin(name)
+
+    def adapter_state(self, name: str) -> AdapterState:
+        """COLD, LOADING, CPU, ACTIVE or EVICTING."""
+        return self._cache.state(name)
+
+    def memory_stats(self) -> CacheStats:
+        """Bytes per tier and cache counters (hits, misses, loads, evictions, slot swaps)."""
+        return self._cache.stats()
 
     def slot_contents(self) -> tuple:
         """Slot i → the adapter name in it, or `EMPTY`."""
-        return self._slots.contents()
+        return self._cache.contents()
 
-    def _write_slot(self, slot: int, weights: Optional[AdapterWeights]) -> None:
-        for name, layer in self._layers.items():
-            w = weights.modules.get(name) if weights is not None else None
-            layer.write_slot(slot, None if w is None else w.a, None if w is None else w.b)
+    def _read_weights(self, source: AdapterSource) -> AdapterWeights:
+        weights = read_adapter(source.name, source.path, self._modules_info)
+        return weights.pin_memory() if self._copy_stream is not None else weights
+
+    def _write_slots(self, writes: Sequence[tuple]) -> None:
+        """[(slot, AdapterWeights or None)] → slot buffers; on CUDA, on a side stream ordered after the
+        forwards already queued (which may read the old contents) and before the next one."""
+        stream = self._copy_stream
+        if stream is not None:
+            current = torch.cuda.current_stream(stream.device)
+            stream.wait_stream(current)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for slot, weights in writes:
+                for name, layer in self._layers.items():
+                    w = weights.modules.get(name) if weights is not None else None
+                    layer.write_slot(slot, None if w is None else w.a, None if w is None else w.b,
+                                     non_blocking=stream is not None)
+        if stream is not None:
+            current.wait_stream(stream)
 
     def _activate(self, adapter_names: Sequence, batch: Optional[int]) -> tuple:
-        """Row slots for a batch of `batch` rows (None: unknown): names → slots, writing adapters that
-        are not resident yet."""
+        """Check a batch's adapter names and hold their adapters in slots (see `_release`).
+
+        Returns (row slots, the names held)."""
         if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence):
             raise InvalidRequestError(
                 f"`adapter_names` should be a list with one name (or None) per row, but got {adapter_names!r}"
@@ -188,15 +249,8 @@ class MultiLoRAModel(nn.Module):
                 raise InvalidRequestError(f"adapter names should be str or None, but got {name!r}")
             rows.append(None if name in (None, BASE_MODEL) else name)
         needed = list(dict.fromkeys(n for n in rows if n is not None))
-        for name in needed:
-            if name not in self._adapters:
-                raise AdapterNotFoundError(
-                    f"adapter {name!r} is not loaded; loaded adapters: {sorted(self._adapters)}"
-                )
-        slots, placed = self._slots.acquire(needed)
-        for slot, name in placed:
-            self._write_slot(slot, self._adapters[name])
-        return tuple(-1 if n is None else slots[n] for n in rows)
+        slots = self._cache.acquire(needed)
+        return tuple(-1 if n is None else slots[n] for n in rows), needed
 
     # forward and generate ---------------------------------------------------------------------------
     def _mapping(self, row_slots: Optional[tuple]) -> Optional[BatchMapping]:
@@ -211,30 +265,35 @@ class MultiLoRAModel(nn.Module):
         names = kwargs.pop("adapter_names", None)
         batch = _batch_size(args, kwargs)
         if names is not None:
-            rows = self._activate(names, batch)
+            rows, self._context.held = self._activate(names, batch)
         elif self._context.generate_rows is not None and batch is not None:
             rows = expand_rows(self._context.generate_rows, batch)
         else:
             rows = None
+        self._cache.sync()  # slot changes made since the last forward land now, not during this one
         self._context.mapping = self._mapping(rows)
         return args, kwargs
 
     def _after_forward(self, module: nn.Module, args: tuple, output):
         self._context.mapping = None
+        held, self._context.held = self._context.held, None
+        if held:
+            self._cache.release(held)
 
     def forward(self, *args, adapter_names: Optional[Sequence] = None, **kwargs):
         return self.hf_model(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence] = None, **kwargs):
         """`transformers` generate with one adapter per input row; beams and returned sequences of a
-        row use that row's adapter."""
+        row use that row's adapter, which stays in its slot until generate returns."""
         if adapter_names is None:
             return self.hf_model.generate(*args, **kwargs)
-        self._context.generate_rows = self._activate(adapter_names, _batch_size(args, kwargs))
+        self._context.generate_rows, held = self._activate(adapter_names, _batch_size(args, kwargs))
         try:
             return self.hf_model.generate(*args, **kwargs)
         finally:
             self._context.generate_rows = None
+            self._cache.release(held)
 
     # unwrap -----------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
@@ -246,6 +305,8 @@ class MultiLoRAModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
         self._layers = {}
-        self._adapters.clear()
+        self._cache.close()
+        for name in self._cache.names():
+            self._cache.unregister(name)
         self._hooks = []
         return model

@@ -217,7 +217,7 @@ def test_bad_adapter_is_refused_and_changes_nothing(served, llama_kit, tmp_path,
 
 def test_duplicate_name(served, llama_kit):
     model, _, _ = served
-    with pytest.raises(AdapterExistsError, match="an adapter named 'attn' is already loaded"):
+    with pytest.raises(AdapterExistsError, match="an adapter named 'attn' is already registered"):
         model.load_adapter("attn", llama_kit.paths["attn8_rs"])
 
 
@@ -230,7 +230,7 @@ def test_bad_adapter_names_on_load(served, llama_kit, name):
 # (adapter_names for a batch of 3 rows, error type, words)
 BAD_REQUESTS = [
     (["attn", None], InvalidRequestError, "one entry per input row (3), but has 2"),
-    (["attn", "nope", None], AdapterNotFoundError, "adapter 'nope' is not loaded; loaded adapters: ['attn', 'regex']"),
+    (["attn", "nope", None], AdapterNotFoundError, "adapter 'nope' is not registered (2 registered: 'attn', 'regex')"),
     ("attn", InvalidRequestError, "should be a list with one name (or None) per row"),
     (["attn", 7, None], InvalidRequestError, "adapter names should be str or None, but got 7"),
 ]
@@ -263,12 +263,12 @@ def test_generate_names_per_row(served):
 
 
 def test_swapped_name_and_path_get_a_hint(served, llama_kit):
-    with pytest.raises(InvalidRequestError, match="takes the name first"):
+    with pytest.raises(InvalidRequestError, match=r"adapters are given as \(name, path\)"):
         served[0].load_adapter(str(llama_kit.paths["all4"]), "all4")
 
 
 def test_unload_unknown(served):
-    with pytest.raises(AdapterNotFoundError, match="adapter 'ghost' is not loaded"):
+    with pytest.raises(AdapterNotFoundError, match="adapter 'ghost' is not registered"):
         served[0].unload_adapter("ghost")
 
 

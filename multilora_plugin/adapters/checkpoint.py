@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Mapping, Optional
 
 import torch
@@ -44,13 +45,18 @@ class AdapterWeights:
     config: LoraConfig
     modules: Mapping[str, ModuleWeights]  # wrapped module name → weights
 
-    @property
+    @cached_property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for w in self.modules.values() for t in (w.a, w.b))
 
     @property
     def rank(self) -> int:
         return max(w.rank for w in self.modules.values())
+
+    def pin_memory(self) -> "AdapterWeights":
+        """A copy in page-locked memory, so copies into CUDA slots can be asynchronous."""
+        pinned = {n: ModuleWeights(w.a.pin_memory(), w.b.pin_memory()) for n, w in self.modules.items()}
+        return replace(self, modules=pinned)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class ModelModules:
     all_names: frozenset
     output_embedding: Optional[str]
     max_lora_rank: int
+    dtype: Optional[torch.dtype] = None  # weights are stored in the model's dtype (None: as saved)
 
 
 # (config attribute, its supported value, what to say). For None/False any falsy value is supported;
@@ -193,5 +200,6 @@ def read_adapter(name: str, path: str, model: ModelModules) -> AdapterWeights:
         _check_module(path, module, pairs[module], model)
         a, b = pairs[module]["a"], pairs[module]["b"]
         scale = _scaling(config, module, a.shape[0], path)
-        modules[module] = ModuleWeights(a.contiguous(), (b.float() * scale).to(b.dtype).contiguous())
+        dtype = model.dtype or b.dtype
+        modules[module] = ModuleWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
     return AdapterWeights(name=name, path=path, config=config, modules=modules)
