@@ -66,6 +66,10 @@ def run_demo(new_tokens: int = 12, seed: int = 0) -> int:
         text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
         print(f"  row {row}  adapter={str(name):5}  {'matches PEFT' if same else 'DIFFERS FROM PEFT'}")
         print(f"         prompt: {prompt}\n         output: {text}")
+    stats = model.memory_stats()
+    print(f"\nadapter cache: slots {model.slot_contents()}; {stats.cpu_entries} adapters "
+          f"({stats.cpu_bytes / 1024:.0f} KiB) in CPU memory, {stats.gpu_bytes / 1024:.0f} KiB in slots; "
+          f"{stats.slot_swaps} slot swaps")
     verdict = "every row matches PEFT" if not failures else f"{failures} row(s) differ from PEFT"
     print(f"\n{verdict} ({time.perf_counter() - started:.1f} s)")
     return 1 if failures else 0

@@ -1,0 +1,27 @@
+"""The benchmark scripts still run (smoke runs at tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_cache_quick(tmp_path, capsys):
+    out = tmp_path / "cache.json"
+    assert load("bench_cache").main(["--quick", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert {(r["n"], r["alpha"]) for r in results["hit_rates"]} == {(8, 0.1), (8, 1.0), (100, 0.1), (100, 1.0)}
+    for r in results["hit_rates"]:
+        assert 0 <= r["gpu_hit_rate"] <= 1 and r["disk_loads_per_1k"] <= r["slot_loads_per_1k"]
+    assert results["registration"]["adapters"] == 50
+    assert "| ours: CPU → slot |" in capsys.readouterr().out
