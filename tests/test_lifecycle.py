@@ -234,3 +234,20 @@ def test_thousand_adapters_in_bounded_memory(llama_kit, thousand):
     for name, got in sample.items():
         want = peft_logits(llama_kit, name, ids, thousand[name])[0]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and the copy stream need a GPU")
+def test_cuda_slots_fill_from_pinned_memory_on_a_side_stream(llama_kit):
+    model = multilora_plugin.wrap(llama_kit.fresh().cuda(), max_loras=2)
+    for name in ("all4", "attn8_rs", "regex_pat"):
+        model.register_adapter(name, llama_kit.paths[name])
+    ids, _ = padded_batch(2, [5, 5])
+    ids = ids.cuda()
+    for names in (["all4", "attn8_rs"], ["regex_pat", "all4"], ["attn8_rs", None]):
+        got = logits(model, ids, names)  # every call swaps a slot through the copy stream
+        for row, name in enumerate(names):
+            want = peft_logits(llama_kit, name, ids.cpu())[row] if name else None
+            if want is not None:
+                torch.testing.assert_close(got[row].cpu(), want, atol=1e-4, rtol=0)
+    weights = model.adapter_cache.weights("all4")
+    assert all(w.a.is_pinned() and w.b.is_pinned() for w in weights.modules.values())
