@@ -1,0 +1,115 @@
+"""A running batch, TGI style: left-padded rows, one attention mask, one transformers KV cache.
+
+Requests join by prefilling them as a batch of their own and **concatenating** it into the running
+one, and leave by **filtering** their rows out; padding that no row needs any more is trimmed. Rows
+may name different adapters: every forward passes `adapter_names`, one per row.
+
+    prefill([r1, r2])   mask [[0 0 1 1 1]      KV [2, H, 5, D]
+                              [1 1 1 1 1]]
+    concatenate(batch with 1 row of KV length 2): the shorter side is left-padded with zero KV and
+                        zero mask to length 5, then rows are stacked: [3, H, 5, D]
+    decode(tokens)      mask gains a column of ones; KV grows by one position
+    filter([1, 2])      rows kept; leading columns masked in every kept row are cut from mask and KV
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .errors import ConfigError
+
+
+def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Position ids of the last `new` columns: each row counts only its unmasked tokens."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+def _cache_from(layers: Sequence[tuple]) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys, values, i)
+    return cache
+
+
+class Batch:
+    """Rows of running requests. `names[i]` is row i's adapter (None: the base model)."""
+
+    def __init__(self, names: List[Optional[str]], mask: torch.Tensor, cache: DynamicCache) -> None:
+        self.names = names
+        self.mask = mask  # [B, T] int64: 1 where the KV position holds a real token
+        self.cache = cache  # KV for the T positions
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @staticmethod
+    def check_model(model) -> None:
+        """Refuse models whose cache this batch cannot concatenate and filter."""
+        config = getattr(model, "config", None)
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise ConfigError(
+                f"continuous batching needs a full KV cache, but {type(model).__name__} uses a sliding window "
+                f"of {config.sliding_window}; load the model with sliding_window=None"
+            )
+
+    @classmethod
+    def prefill(cls, model, token_ids: Sequence[Sequence[int]], names: List[Optional[str]]):
+        """Run the prompts (left-padded) through `model`; returns (batch, last-position logits [B, V])."""
+        width = max(len(t) for t in token_ids)
+        device = model.device
+        ids = torch.zeros(len(token_ids), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(token_ids):
+            ids[row, width - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
+            mask[row, width - len(tokens):] = 1
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, width),
+                    past_key_values=DynamicCache(), use_cache=True, adapter_names=list(names))
+        return cls(list(names), mask, out.past_key_values), out.logits[:, -1]
+
+    def decode(self, model, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token per row; returns the next logits [B, V]."""
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.mask.device).view(-1, 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=_positions(self.mask, 1),
+                    past_key_values=self.cache, use_cache=True, adapter_names=list(self.names))
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def filter(self, rows: Sequence[int]) -> Optional["Batch"]:
+        """Keep `rows` (in that order); None when no row is left."""
+        if not rows:
+            return None
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1] - 1
+        layers = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+                  for layer in self.cache.layers]
+        return Batch([self.names[i] for i in rows], mask[:, start:].contiguous(), _cache_from(layers))
+
+    @staticmethod
+    def concatenate(batches: Sequence["Batch"]) -> "Batch":
+        """One batch with the rows of all `batches`, in order, left-padded to the longest."""
+        batches = [b for b in batches if b is not None]
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.mask.shape[1] for b in batches)
+
+        def pad(t: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
+            if extra == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        mask = torch.cat([pad(b.mask, 1, width - b.mask.shape[1]) for b in batches], dim=0)
+        layers = []
+        for i in range(len(batches[0].cache.layers)):
+            keys = [pad(b.cache.layers[i].keys, 2, width - b.mask.shape[1]) for b in batches]
+            values = [pad(b.cache.layers[i].values, 2, width - b.mask.shape[1]) for b in batches]
+            layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
+        names = [n for b in batches for n in b.names]
+        return Batch(names, mask, _cache_from(layers))
