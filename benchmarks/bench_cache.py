@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -111,8 +112,6 @@ def build(args, root: str):
 
 
 def adapter_megabytes(path: str) -> float:
-    import os
-
     return os.path.getsize(os.path.join(path, "adapter_model.safetensors")) / MB
 
 

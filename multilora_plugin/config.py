@@ -9,6 +9,13 @@ from typing import Optional, Sequence, Union
 from .errors import ConfigError
 
 TargetModules = Union[str, Sequence[str]]
+
+
+def check_int(name: str, value: object, minimum: int, bound: str = "") -> None:
+    """Raise `ConfigError` unless `value` is an int (not a bool) >= `minimum`. `bound` says the
+    minimum in words, with its reason, when it is another setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"`{name}` should be an int >= {bound or minimum}, but got {value!r}")
 BACKENDS = ("auto", "torch", "triton")
 ALL_LINEAR = "all-linear"
 
@@ -34,17 +41,11 @@ class MultiLoRAConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"`{name}` should be an int >= 1, but got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.max_cpu_loras is None:
             self.max_cpu_loras = max(4 * self.max_loras, 8)
-        value = self.max_cpu_loras
-        if isinstance(value, bool) or not isinstance(value, int) or value < self.max_loras:
-            raise ConfigError(
-                f"`max_cpu_loras` should be an int >= max_loras ({self.max_loras}): every adapter in a slot "
-                f"keeps its CPU copy; but got {value!r}"
-            )
+        check_int("max_cpu_loras", self.max_cpu_loras, self.max_loras,
+                  f"max_loras ({self.max_loras}), as every adapter in a slot keeps its CPU copy")
         if self.backend not in BACKENDS:
             raise ConfigError(f"`backend` should be one of {BACKENDS}, but got {self.backend!r}")
         target = self.target_modules

@@ -36,6 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .config import check_int
 from .errors import AdapterNotFoundError, ConfigError, InvalidRequestError, MultiLoRAError
 
 POLICIES = ("fcfs", "adapter_affinity", "fair_share", "priority")
@@ -64,11 +65,8 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_num_seqs", "max_num_batched_tokens", "max_total_tokens", "max_wait_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"`{name}` should be an int >= 1, but got {value!r}")
-        if isinstance(self.max_prefetch, bool) or not isinstance(self.max_prefetch, int) or self.max_prefetch < 0:
-            raise ConfigError(f"`max_prefetch` should be an int >= 0, but got {self.max_prefetch!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("max_prefetch", self.max_prefetch, 0)
         if self.policy not in POLICIES:
             raise ConfigError(f"`policy` should be one of {POLICIES}, but got {self.policy!r}")
 

@@ -151,13 +151,12 @@ class MultiLoRAModel(nn.Module):
     @property
     def adapters(self) -> dict:
         """{name: AdapterInfo} for every registered adapter, in registration order."""
-        cache = self._cache
-        return {name: self._info(name) for name in cache.names()}
+        return {name: self._info(name) for name in self._cache.names()}
 
     def _info(self, name: str) -> AdapterInfo:
-        source, weights = self._cache.source(name), self._cache.weights(name)
+        source, weights, state = self._cache.describe(name)
         return AdapterInfo(
-            name=name, path=source.path, state=self._cache.state(name), version=source.version,
+            name=name, path=source.path, state=state, version=source.version,
             rank=source.rank, alpha=source.config.lora_alpha,
             num_bytes=None if weights is None else weights.num_bytes,
             target_modules=None if weights is None else tuple(weights.modules),
@@ -212,7 +211,7 @@ class MultiLoRAModel(nn.Module):
         return self._cache.contents()
 
     def _read_weights(self, source: AdapterSource) -> AdapterWeights:
-        weights = read_adapter(source.name, source.path, self._modules_info)
+        weights = read_adapter(source.name, source.path, self._modules_info, source.config)
         return weights.pin_memory() if self._copy_stream is not None else weights
 
     def _write_slots(self, writes: Sequence[tuple]) -> None:

@@ -279,6 +279,9 @@ def test_unload_unknown(served):
     (dict(backend="triton"), "backend 'triton' needs a CUDA model, but the model is on cpu"),
     (dict(target_modules="(["), "does not compile"),
     (dict(target_modules=[]), "non-empty list of module names"),
+    (dict(max_loras=4, max_cpu_loras=2), "`max_cpu_loras` should be an int >= max_loras (4), as every adapter "
+                                         "in a slot keeps its CPU copy, but got 2"),
+    (dict(max_cpu_loras=True), "`max_cpu_loras` should be an int >= max_loras (4)"),
 ])
 def test_bad_wrap_settings(llama_kit, monkeypatch, kwargs, words):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

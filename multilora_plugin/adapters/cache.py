@@ -206,6 +206,12 @@ class AdapterCache:
                 raise AdapterNotFoundError(self._unknown(name))
             return self._state(entry)
 
+    def describe(self, name: str) -> tuple:
+        """(source, CPU weights or None, state) of a registered adapter, read at one moment."""
+        with self._lock:
+            entry = self._known(name)
+            return entry.source, entry.weights, self._state(entry)
+
     def weights(self, name: str) -> Optional[AdapterWeights]:
         """The CPU copy, if it is in memory (without touching the LRU order)."""
         with self._lock:

@@ -190,10 +190,14 @@ def _scaling(config: LoraConfig, module: str, rank: int, path: str) -> float:
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
 
 
-def read_adapter(name: str, path: str, model: ModelModules) -> AdapterWeights:
-    """Read, validate and scale a PEFT LoRA adapter directory. Raises a `MultiLoRAError` on any problem."""
+def read_adapter(name: str, path: str, model: ModelModules, config: Optional[LoraConfig] = None) -> AdapterWeights:
+    """Read, validate and scale a PEFT LoRA adapter directory. Raises a `MultiLoRAError` on any problem.
+
+    `config`: the adapter's config when it was read already (at registration); the weights are checked
+    against it. None: read it from `path`.
+    """
     path = os.fspath(path)
-    config = read_config(path)
+    config = read_config(path) if config is None else config
     pairs = _module_pairs(path, _read_tensors(path))
     modules = {}
     for module in sorted(pairs):
