@@ -131,10 +131,12 @@ SCENARIOS = {
         ("release", ["a"], ("a", "c"), ["a", "b", "c"]),
         ("use", ["d"], ("d", "c"), ["a", "b", "c", "d"]),
     ]),
-    "prefetch fills the CPU tier only": (2, 3, [
-        ("prefetch", ["a", "b"], (E, E), ["a", "b"]),
+    "prefetch fills the CPU tier only": (2, 3, [  # one name per step: reads finish in any order
+        ("prefetch", ["a"], (E, E), ["a"]),
+        ("prefetch", ["b"], (E, E), ["a", "b"]),
         ("use", ["b"], ("b", E), ["a", "b"]),
-        ("prefetch", ["c", "d"], ("b", E), ["b", "c", "d"]),
+        ("prefetch", ["c"], ("b", E), ["a", "b", "c"]),
+        ("prefetch", ["d"], ("b", E), ["b", "c", "d"]),  # the tier is full: a, least recent, is dropped
     ]),
     "unload frees both tiers": (2, 3, [
         ("use", ["a", "b"], ("a", "b"), ["a", "b"]),
