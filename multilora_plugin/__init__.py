@@ -3,10 +3,14 @@
     model = multilora_plugin.wrap(hf_model, max_loras=4)
     model.load_adapter("sql", "adapters/sql")      # or register_adapter: read on first use
     out = model.generate(input_ids, attention_mask=mask, adapter_names=["sql", None])
+
+    llm = multilora_plugin.LLM(model, tokenizer)  # continuous batching, adapter-aware scheduling
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=64), lora_request=[...])
 """
 
 from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats
 from .config import MultiLoRAConfig
+from .engine import LLM, CompletionOutput, Engine, EngineStats, LoRARequest, RequestOutput
 from .errors import (
     AdapterExistsError,
     AdapterLoadError,
@@ -21,6 +25,8 @@ from .errors import (
 )
 from .layers import MultiLoRALinear
 from .mapping import BatchMapping
+from .sampling import SamplingParams
+from .scheduler import SchedulerConfig
 from .wrap import BASE_MODEL, AdapterInfo, MultiLoRAModel, wrap
 
 __version__ = "0.1.0"
@@ -37,14 +43,22 @@ __all__ = [
     "BatchMapping",
     "CacheStats",
     "CapacityError",
+    "CompletionOutput",
     "ConfigError",
+    "Engine",
+    "EngineStats",
     "IncompatibleAdapterError",
     "InvalidRequestError",
     "KernelInputError",
+    "LLM",
+    "LoRARequest",
     "MultiLoRAConfig",
     "MultiLoRAError",
     "MultiLoRALinear",
     "MultiLoRAModel",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
     "WrapError",
     "wrap",
 ]

@@ -99,7 +99,7 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[Tuple[SamplingParams, torch.Tensor, Optional[torch.Generator]]]
+def sample(logits: torch.Tensor, rows: Sequence[Tuple[SamplingParams, Sequence[int], Optional[torch.Generator]]]
            ) -> List[int]:
     """Next token of every row.
 
@@ -109,17 +109,27 @@ def sample(logits: torch.Tensor, rows: Sequence[Tuple[SamplingParams, torch.Tens
       where p_i = rows[i]'s processors applied with its tokens so far (prompt + output)
     Args:
       logits: [B, V] the last position's logits
-      rows:   B tuples (params, token ids so far [n] int64, generator or None)
+      rows:   B tuples (params, token ids so far (a list or an int64 tensor), generator or None)
     """
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise InvalidRequestError(f"expected logits [{len(rows)}, vocab], but got {list(logits.shape)}")
-    tokens = []
+    # plain greedy rows need no processor: one argmax for all of them
+    plain = [i for i, (params, _, _) in enumerate(rows) if params.greedy and not params.processors]
+    tokens: List[int] = [0] * len(rows)
+    if plain:
+        index = torch.as_tensor(plain, device=logits.device)
+        for i, token in zip(plain, logits.index_select(0, index).argmax(-1).tolist()):
+            tokens[i] = token
     for i, (params, history, generator) in enumerate(rows):
+        if params.greedy and not params.processors:
+            continue
         scores = logits[i : i + 1].float()  # [1, V]
-        scores = params.processors(history.view(1, -1), scores)
+        if params.processors:
+            ids = torch.as_tensor(history, dtype=torch.long, device=logits.device).view(1, -1)
+            scores = params.processors(ids, scores)
         if params.greedy:
-            tokens.append(int(scores.argmax(-1)))
+            tokens[i] = int(scores.argmax(-1))
         else:
             probs = torch.softmax(scores, dim=-1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+            tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
     return tokens

@@ -230,15 +230,23 @@ class Scheduler:
         self._step += 1
         return out
 
+    def preempt(self, request_id: str) -> Request:
+        """Move a running request back to waiting (recompute later; it keeps its output tokens and
+        its place in arrival order). The scheduler does this itself under KV pressure; an engine does
+        it when it cannot place a request it was given (its adapter's slot is pinned, say)."""
+        request = self._running.pop(request_id, None)
+        if request is None:
+            raise InvalidRequestError(f"request {request_id!r} is not running")
+        request.status = Status.WAITING
+        self._waiting[request_id] = request
+        self._preemptions += 1
+        return request
+
     def _preempt_for_decode(self, out: SchedulerOutput) -> None:
         budget = self.config.max_total_tokens
         while self._running and sum(r.num_tokens + 1 for r in self._running.values()) > budget:
             victim = max(self._running.values(), key=lambda r: (r.priority, r.arrival))
-            del self._running[victim.request_id]
-            victim.status = Status.WAITING
-            self._waiting[victim.request_id] = victim
-            out.preempted.append(victim)
-            self._preemptions += 1
+            out.preempted.append(self.preempt(victim.request_id))
 
     def _admit(self, out: SchedulerOutput) -> None:
         c = self.config

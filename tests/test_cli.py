@@ -10,8 +10,9 @@ from multilora_plugin import MultiLoRAModel, cli
 def test_demo_matches_peft(capsys):
     assert cli.main(["demo", "--new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert out.count("  matches PEFT") == len(cli.DEMO_ROWS)
-    assert "every row matches PEFT" in out
+    assert out.count("  matches PEFT") == len(cli.DEMO_ROWS) + 10  # the batch, then 10 engine requests
+    assert "continuous batching: 10 requests over 4 adapters + base, max_loras=2" in out
+    assert "every output matches PEFT" in out
     for name in cli.DEMO_ADAPTERS:
         assert f"loaded adapter {name!r}" in out
 
@@ -28,7 +29,7 @@ def test_demo_reports_a_mismatch(monkeypatch, capsys):
     out = capsys.readouterr().out
     adapter_rows = sum(name is not None for name, _ in cli.DEMO_ROWS)
     assert out.count("DIFFERS FROM PEFT") == adapter_rows
-    assert f"{adapter_rows} row(s) differ from PEFT" in out
+    assert f"{adapter_rows} output(s) differ from PEFT" in out
 
 
 def test_a_command_is_required():

@@ -199,6 +199,11 @@ class AdapterCache:
         with self._lock:
             return [n for n, e in self._entries.items() if not e.unloaded]
 
+    def __contains__(self, name: object) -> bool:
+        """Whether `name` is registered (and not unloaded): one dict lookup, no copy."""
+        entry = self._entries.get(name)
+        return entry is not None and not entry.unloaded
+
     def state(self, name: str) -> AdapterState:
         with self._lock:
             entry = self._entries.get(name)
