@@ -8,10 +8,13 @@ Each `schedule()` call decides one engine step:
     2. Admission: waiting requests, in the policy's order, join the batch while they fit:
        a seat (`max_num_seqs`), prefill tokens (`max_num_batched_tokens`), KV tokens, and a slot for
        their adapter (at most `max_loras` distinct adapters resident; base-model requests need none).
-    3. Anti-starvation, for every policy: once the oldest request has waited `max_wait_steps`, requests
-       are admitted strictly in arrival order until it is in. Newer requests then wait, the running
-       adapters drain, and a slot frees: when more adapters are wanted than there are slots, they take
-       turns.
+    3. Anti-starvation, for every policy: once the oldest waiting request (the head) has waited
+       `max_wait_steps`, it is considered first. If it does not fit, what it needs is reserved: a
+       seat, its prefill and KV tokens, and a slot: a free one, or else the active adapter whose
+       running requests can be done soonest, which no newer request may join. Newer requests may
+       still use everything else (base-model rows, the other adapters' seats), so the batch keeps
+       working, but none can delay the head: it is admitted as soon as that adapter drains. When
+       more adapters are wanted than there are slots, they take turns in arrival order.
 
 Resident adapters mirror the cache's slots: an adapter stays resident after its requests drain,
 until a new adapter needs its slot (least recently used first). `adapters_to_load` /
@@ -254,11 +257,15 @@ class Scheduler:
         prefill_budget = c.max_num_batched_tokens
         kv_free = c.max_total_tokens - sum(r.num_tokens + 1 for r in self._running.values())
         active = set(self._active())
-        if any(self._step - r.arrival_step >= c.max_wait_steps for r in self._waiting.values()):
-            # a request has waited too long: strict arrival order, the head blocks, until it is in
-            order, block = sorted(self._waiting.values(), key=lambda r: r.arrival), True
-        else:
-            order, block = self._policy_order(), c.policy == "fcfs"
+        order, block = self._policy_order(), c.policy == "fcfs"
+        head = min(self._waiting.values(), key=lambda r: r.arrival, default=None)
+        if head is not None and self._step - head.arrival_step < c.max_wait_steps:
+            head = None  # nobody is overdue
+        elif head is not None:
+            order.remove(head)
+            order.insert(0, head)
+        closed: Optional[str] = None  # an active adapter the overdue head waits on: nobody new joins it
+        slots_kept = 0  # a free slot kept for the overdue head
         for request in order:
             if seats == 0:
                 break
@@ -268,10 +275,22 @@ class Scheduler:
             # token, so that admitting it does not force a preemption at the next step
             headroom = len(self._running) if self._running else 0
             fits = (not too_long and need + 1 + headroom <= kv_free
-                    and self._has_slot(request.adapter, active))
+                    and (closed is None or request.adapter != closed)
+                    and self._has_slot(request.adapter, active, slots_kept))
             if not fits:
                 if block:
                     break
+                if request is head:
+                    # reserve what the overdue head needs, so that no newer request takes it: a seat,
+                    # its tokens, and a slot (a free one, or the first active adapter to drain)
+                    seats -= 1
+                    prefill_budget -= need
+                    kv_free -= need + 1
+                    if not self._is_resident(head.adapter):
+                        if self._has_slot(head.adapter, active):
+                            slots_kept = 1
+                        else:
+                            closed = self._first_to_drain(active)
                 continue
             self._make_resident(request.adapter, active, out)
             del self._waiting[request.request_id]
@@ -305,10 +324,20 @@ class Scheduler:
     def _is_resident(self, adapter: Optional[str]) -> bool:
         return adapter is None or adapter in self._resident
 
-    def _has_slot(self, adapter: Optional[str], active: set) -> bool:
+    def _has_slot(self, adapter: Optional[str], active: set, kept: int = 0) -> bool:
+        """Whether `adapter` is resident or can be made so, leaving `kept` free slots for others."""
         if self._is_resident(adapter):
             return True
-        return len(self._resident) < self.config.max_loras or any(a not in active for a in self._resident)
+        free = self.config.max_loras - len(self._resident) + sum(a not in active for a in self._resident)
+        return free > kept
+
+    def _first_to_drain(self, active: set) -> Optional[str]:
+        """The active adapter whose running requests can all be done soonest (by their token limits)."""
+        left: Dict[str, int] = {}
+        for r in self._running.values():
+            if r.adapter in active:
+                left[r.adapter] = max(left.get(r.adapter, 0), r.max_new_tokens - r.num_output_tokens)
+        return min(left, key=left.get) if left else None
 
     def _make_resident(self, adapter: Optional[str], active: set, out: SchedulerOutput) -> None:
         if adapter is None:

@@ -215,6 +215,27 @@ def test_anti_starvation_bound_lets_an_adapter_take_its_turn():
     assert 5 <= admitted_at["b0"] <= 5 + 3 + 1
 
 
+def test_an_overdue_request_reserves_what_it_needs_and_the_rest_keeps_running():
+    """max_loras=2, A (long) and B (short) running, C overdue: B, the first to drain, is closed to
+    newcomers; a newer A request and a base-model request still join; C gets B's slot."""
+    sched = Scheduler(SchedulerConfig(max_loras=2, max_num_seqs=8, max_wait_steps=2))
+    sched.add(req("a0", "A", new=12))
+    sched.add(req("b0", "B", new=6))
+    run_step(sched)
+    sched.add(req("c0", "C", new=2))
+    run_step(sched)
+    run_step(sched)  # c0 has now waited max_wait_steps; b0 has 3 tokens left, a0 9
+    sched.add(req("b1", "B"))
+    sched.add(req("a1", "A"))
+    sched.add(req("base", None))
+    out = run_step(sched)
+    assert ids(out.prefill) == ["a1", "base"] and "b0" in ids(out.decode)
+    assert run_step(sched).prefill == [] and run_step(sched).prefill == []  # b0 drains; b1 may not join it
+    out = run_step(sched)
+    assert ids(out.prefill) == ["c0"] and out.adapters_to_evict == ["B"]
+    assert sched.waiting[0].request_id == "b1"
+
+
 @settings(max_examples=120, deadline=None, derandomize=True)
 @given(
     policy=st.sampled_from(POLICIES),
