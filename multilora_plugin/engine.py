@@ -452,7 +452,7 @@ class Engine:
                 self.scheduler.finish(seq.request_id)
                 self._release(seq)
                 outputs.append(self._fail(seq, exc))
-            raise_if_bug(exc)
+            _raise_if_bug(exc)
             return None
 
     def _prefill(self, admitted: List[_Sequence], outputs: List[RequestOutput]) -> tuple:
@@ -468,7 +468,7 @@ class Engine:
                 self.scheduler.finish(seq.request_id)
                 self._release(seq)
                 outputs.append(self._fail(seq, exc))
-                raise_if_bug(exc)
+                _raise_if_bug(exc)
                 return None, [], None
         parts = [self._prefill([seq], outputs) for seq in admitted]
         parts = [p for p in parts if p[0] is not None]
@@ -588,7 +588,7 @@ class Engine:
             )
 
 
-def raise_if_bug(exc: Exception) -> None:
+def _raise_if_bug(exc: Exception) -> None:
     """Errors of the engine's own making are not swallowed by the per-request isolation."""
     if isinstance(exc, (AssertionError, NameError, AttributeError, UnboundLocalError)):
         raise exc

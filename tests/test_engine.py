@@ -390,3 +390,42 @@ def test_incremental_text_waits_for_whole_characters():
     pieces = [detok.add(t) for t in output]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == tok.decode(prompt + output)[len(tok.decode(prompt)):] == " naïve café 😀 über ✓ done"
+
+
+def test_a_forward_that_raises_fails_only_the_requests_it_ran(kit, monkeypatch):
+    """A prefill that raises is retried request by request: only the request that fails alone
+    fails. A decode that raises fails the rows it ran; the engine serves the next requests."""
+    from multilora_plugin.batch import Batch
+
+    real_prefill, real_decode = Batch.prefill, Batch.decode
+    broken = {"decode": False}
+
+    def prefill(cls, model, token_ids, names):
+        if any(99 in t for t in token_ids):
+            raise RuntimeError("a kernel failed on token 99")
+        return real_prefill.__func__(cls, model, token_ids, names)
+
+    def decode(self, model, tokens):
+        if broken["decode"]:
+            raise RuntimeError("the device went away")
+        return real_decode(self, model, tokens)
+
+    monkeypatch.setattr(Batch, "prefill", classmethod(prefill))
+    monkeypatch.setattr(Batch, "decode", decode)
+    engine = Engine(kit.wrapped(), kit.tokenizer)
+    requests = [([5, 6, 7], "task0", 4, 0), ([8, 99, 9], "task1", 4, 0), ([10, 11], None, 4, 0)]
+    done = drive(engine, requests)
+    assert done[1].outputs[0].finish_reason == "error" and "token 99" in str(done[1].error)
+    for i in (0, 2):
+        prompt, adapter, n, _ = requests[i]
+        assert done[i].outputs[0].token_ids == kit.alone(prompt, adapter, n), i
+    engine.add_request("d", prompt_token_ids=[5, 6], lora_request="task2",
+                       sampling_params=SamplingParams(max_new_tokens=5, temperature=0))
+    engine.step()
+    broken["decode"] = True
+    failed = engine.step()
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in failed] == [("d", "error")]
+    assert engine.cache.stats().in_use == 0 and engine._batch is None
+    broken["decode"] = False
+    done = drive(engine, [([12, 13], "task3", 3, 0)])
+    assert done[0].outputs[0].token_ids == kit.alone([12, 13], "task3", 3)
