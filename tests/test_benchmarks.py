@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -25,3 +27,12 @@ def test_bench_cache_quick(tmp_path, capsys):
         assert 0 <= r["gpu_hit_rate"] <= 1 and r["disk_loads_per_1k"] <= r["slot_loads_per_1k"]
     assert results["registration"]["adapters"] == 50
     assert "| ours: CPU → slot |" in capsys.readouterr().out
+
+
+def test_bench_engine_quick():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_engine.py"), "--quick", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| n | adapters used | engine tok/s |" in done.stdout
+    assert "| 4 | engine |" in done.stdout and "| 4 | peft |" in done.stdout
+    assert "engine tokens vs PEFT over 16 requests: identical" in done.stdout
