@@ -10,7 +10,7 @@
 
 from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats
 from .config import MultiLoRAConfig
-from .engine import LLM, CompletionOutput, Engine, EngineStats, LoRARequest, RequestOutput
+from .engine import LLM, CompletionOutput, Engine, EngineRequest, EngineStats, LoRARequest, RequestOutput, StepStats
 from .errors import (
     AdapterExistsError,
     AdapterLoadError,
@@ -21,8 +21,11 @@ from .errors import (
     InvalidRequestError,
     KernelInputError,
     MultiLoRAError,
+    PluginError,
+    RequestRejected,
     WrapError,
 )
+from .hooks import hookimpl
 from .layers import MultiLoRALinear
 from .mapping import BatchMapping
 from .sampling import SamplingParams
@@ -46,6 +49,7 @@ __all__ = [
     "CompletionOutput",
     "ConfigError",
     "Engine",
+    "EngineRequest",
     "EngineStats",
     "IncompatibleAdapterError",
     "InvalidRequestError",
@@ -56,9 +60,13 @@ __all__ = [
     "MultiLoRAError",
     "MultiLoRALinear",
     "MultiLoRAModel",
+    "PluginError",
     "RequestOutput",
+    "RequestRejected",
     "SamplingParams",
     "SchedulerConfig",
+    "StepStats",
     "WrapError",
+    "hookimpl",
     "wrap",
 ]

@@ -17,23 +17,26 @@ It returns one `RequestOutput` per request that moved: cumulative `text` / `toke
 `delta_text` / `delta_token_ids` since the last one (for streaming). `text` only ever grows: while a
 request runs, the last characters that could still be the start of a stop string are held back.
 
+Plugins (docs/hooks.md) see every request as it arrives (and may route or reject it), resolve
+adapter names nobody registered, provide adapter weights, and observe each scheduled batch, adapter
+load and eviction, finished request and step.
+
 The engine is driven by one thread (`step()`); `add_request` and `abort_request` may be called
 from others.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Deque, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .adapters import AdapterEvent, AdapterState
 from .batch import Batch
 from .errors import (
     AdapterExistsError,
@@ -42,7 +45,9 @@ from .errors import (
     ConfigError,
     InvalidRequestError,
     MultiLoRAError,
+    PluginError,
 )
+from .hooks import AdapterDirectory, AdapterRegistry, EngineStatistics, Plugins
 from .sampling import SamplingParams, sample
 from .scheduler import Request, Scheduler, SchedulerConfig
 
@@ -91,6 +96,7 @@ class RequestMetrics:
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None
     num_preemptions: int = 0
+    inter_token_s: List[float] = field(default_factory=list, repr=False)  # gaps between its tokens
 
 
 @dataclass
@@ -103,6 +109,35 @@ class RequestOutput:
     lora_request: Optional[LoRARequest] = None
     metrics: Optional[RequestMetrics] = None
     error: Optional[Exception] = None  # why it failed (finish_reason "error")
+
+
+@dataclass
+class EngineRequest:
+    """A request as plugins see it. `multilora_request_received` may change `adapter` (an adapter name,
+    None for the base model), `priority` and `metadata`."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    sampling_params: SamplingParams
+    adapter: Optional[str]
+    priority: int = 0
+    metadata: Dict[str, Any] = field(default_factory=dict)  # the host's fields (tenant, task, ...)
+    lora_request: Optional[LoRARequest] = None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step's numbers, for `multilora_step_finished`."""
+
+    step: int
+    duration_s: float
+    num_prefill: int  # requests prefilled (admitted or resumed)
+    num_decode: int  # requests decoded
+    generated_tokens: int
+    finished: int  # requests that ended in this step (any reason)
+    running: int
+    waiting: int
 
 
 @dataclass(frozen=True)
@@ -124,9 +159,9 @@ class EngineStats:
     failed: int
     generated_tokens: int
     tokens_per_s: float  # generated tokens over the time spent in steps
-    mean_ttft_s: float  # arrival → first token, over the requests that got one (recent 10,000)
+    mean_ttft_s: float  # arrival → first token, over finished requests (the recent 10,000)
     p99_ttft_s: float
-    mean_itl_s: float  # between consecutive tokens of one request (recent 100,000)
+    mean_itl_s: float  # between consecutive tokens of one request, finished requests (the recent 100,000)
     p99_itl_s: float
 
     def as_dict(self) -> dict:
@@ -179,13 +214,7 @@ class _Sequence(Request):
     stop_reason: Union[str, int, None] = None
     error: Optional[Exception] = None
     metrics: Optional[RequestMetrics] = None
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+    info: Optional[EngineRequest] = None
 
 
 class Engine:
@@ -195,9 +224,13 @@ class Engine:
     `max_total_tokens`, `policy`, `max_wait_steps`, `max_prefetch`) and `max_model_len` (prompt +
     output tokens per request; default: the model's `max_position_embeddings`). `max_loras` is the
     wrapped model's own.
+
+    Plugins: those of the entry-point group `multilora_plugin` (unless `load_entrypoints=False`),
+    then `plugins`; `adapter_dir` adds the built-in `AdapterDirectory` plugin for that directory.
     """
 
-    def __init__(self, model, tokenizer=None, **engine_args: Any) -> None:
+    def __init__(self, model, tokenizer=None, *, plugins: Iterable[Any] = (), load_entrypoints: bool = True,
+                 adapter_dir: "str | os.PathLike | None" = None, **engine_args: Any) -> None:
         from .wrap import MultiLoRAModel
 
         if not isinstance(model, MultiLoRAModel):
@@ -228,10 +261,36 @@ class Engine:
         self._rows: List[_Sequence] = []  # the running batch's rows, in order
         self._batch: Optional[Batch] = None
         self._pending: List[RequestOutput] = []  # outputs of aborts, reported by the next step
-        self._counts = collections.Counter()
-        self._busy_s = 0.0
-        self._ttft: Deque[float] = collections.deque(maxlen=10_000)
-        self._itl: Deque[float] = collections.deque(maxlen=100_000)
+        self._ended: Dict[str, _Sequence] = {}  # requests that ended since the last step reported them
+        self.plugins = Plugins(plugins, load_entrypoints=load_entrypoints)
+        if adapter_dir is not None:
+            self.plugins.register(AdapterDirectory(adapter_dir), name="adapter_dir")
+        self.statistics = EngineStatistics()
+        self.plugins.register(self.statistics, name="statistics")
+        model.weights_provider = self.plugins.load_adapter_weights
+        self.cache.listeners.append(self._on_adapter_event)
+        self.plugins.notify("multilora_register_adapters", registry=AdapterRegistry(model))
+
+    def close(self) -> None:
+        """Detach from the model (its adapter events and weights provider); aborts what is left."""
+        self.abort_request(list(self._requests))
+        if self._on_adapter_event in self.cache.listeners:
+            self.cache.listeners.remove(self._on_adapter_event)
+        if getattr(self.model, "weights_provider", None) == self.plugins.load_adapter_weights:
+            self.model.weights_provider = None
+
+    _TIERS = {AdapterState.CPU: ("cpu",), AdapterState.ACTIVE: ("cpu", "gpu"), AdapterState.EVICTING: ("cpu", "gpu")}
+
+    def _on_adapter_event(self, event: AdapterEvent) -> None:
+        """Cache state changes → `multilora_adapter_loaded` / `multilora_adapter_evicted`, per tier."""
+        old, new = self._TIERS.get(event.old, ()), self._TIERS.get(event.new, ())
+        for tier in ("gpu", "cpu"):
+            if tier in old and tier not in new:
+                self.plugins.notify("multilora_adapter_evicted", name=event.name, tier=tier)
+        for tier in ("cpu", "gpu"):
+            if tier in new and tier not in old:
+                self.plugins.notify("multilora_adapter_loaded", name=event.name, tier=tier,
+                                    slot=event.slot if tier == "gpu" else None)
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> frozenset:
@@ -244,13 +303,16 @@ class Engine:
     # requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, Sequence[int], None] = None,
                     sampling_params: Optional[SamplingParams] = None, lora_request=None, priority: int = 0,
-                    *, prompt_token_ids: Optional[Sequence[int]] = None) -> None:
+                    *, prompt_token_ids: Optional[Sequence[int]] = None,
+                    metadata: Optional[Mapping[str, Any]] = None) -> None:
         """Queue a request. `prompt` is a string (needs a tokenizer) or token ids; `lora_request` a
-        `LoRARequest`, an adapter name, or None for the base model.
+        `LoRARequest`, an adapter name, or None for the base model; `metadata` the host's own fields,
+        for plugins that route requests.
 
         Raises a `MultiLoRAError` for a request that cannot run (the engine is unchanged):
         `InvalidRequestError` (empty prompt, bad ids or values, too long), `AdapterNotFoundError`,
-        `AdapterExistsError` (the name is registered from another path), `AdapterLoadError`.
+        `AdapterExistsError` (the name is registered from another path), `AdapterLoadError`;
+        `RequestRejected` or `PluginError` from a plugin.
         """
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError(f"`request_id` should be a non-empty string, but got {request_id!r}")
@@ -263,16 +325,23 @@ class Engine:
                 f"request {request_id!r}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"should fit the model's {self.max_model_len} positions"
             )
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidRequestError(f"`metadata` should be a mapping, but got {type(metadata).__name__}")
+        lora = self._lora(lora_request)
+        info = EngineRequest(request_id=request_id, prompt=text, prompt_token_ids=ids, sampling_params=params,
+                             adapter=None if lora is None else lora.lora_name, priority=priority,
+                             metadata=dict(metadata or {}), lora_request=lora)
+        self.plugins.request_received(info)
         with self._lock:
             if request_id in self._requests:
                 raise InvalidRequestError(f"a request with id {request_id!r} is already queued or running")
-            lora = self._resolve(lora_request)
+            lora = self._resolve(info)
             seq = _Sequence(
                 request_id=request_id, adapter=None if lora is None else lora.lora_name,
-                num_prompt_tokens=len(ids), max_new_tokens=params.max_new_tokens, priority=priority,
+                num_prompt_tokens=len(ids), max_new_tokens=params.max_new_tokens, priority=info.priority,
                 prompt=text, prompt_ids=ids, params=params, lora_request=lora,
                 generator=params.generator(self._device), detokenizer=_Detokenizer(self.tokenizer, ids),
-                metrics=RequestMetrics(arrival_time=time.perf_counter()),
+                metrics=RequestMetrics(arrival_time=time.perf_counter()), info=info,
             )
             self.scheduler.add(seq)
             self._requests[request_id] = seq
@@ -336,19 +405,28 @@ class Engine:
             raise InvalidRequestError(f"request {request_id!r}: the prompt is empty (it should have at least one token)")
         return text, ids
 
-    def _resolve(self, lora_request) -> Optional[LoRARequest]:
-        """The request's adapter, registered from its path on first use."""
-        if lora_request is None:
+    @staticmethod
+    def _lora(lora_request) -> Optional[LoRARequest]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return lora_request
+        if isinstance(lora_request, str) and lora_request:
+            return LoRARequest(lora_request, 1)
+        raise InvalidRequestError(f"`lora_request` should be a LoRARequest, an adapter name or None, "
+                                  f"but got {lora_request!r}")
+
+    def _resolve(self, info: EngineRequest) -> Optional[LoRARequest]:
+        """The request's adapter (as plugins left it), registered on first use from the request's
+        `lora_path` or from a plugin's `multilora_resolve_adapter`."""
+        name = info.adapter
+        if name is None:
             return None
-        if isinstance(lora_request, str):
-            if lora_request not in self.cache:
-                raise AdapterNotFoundError(self._not_registered(lora_request))
-            return LoRARequest(lora_request, 1, self.cache.source(lora_request).path)
-        if not isinstance(lora_request, LoRARequest):
-            raise InvalidRequestError(f"`lora_request` should be a LoRARequest, an adapter name or None, "
-                                      f"but got {type(lora_request).__name__}")
-        name, path = lora_request.lora_name, lora_request.lora_path
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"request {info.request_id!r}: a plugin set its adapter to {name!r}; "
+                              "expected an adapter name or None")
+        lora = info.lora_request if info.lora_request is not None and info.lora_request.lora_name == name else None
+        path = lora.lora_path if lora is not None else ""
         if name not in self.cache:
+            path = path or self.plugins.resolve_adapter(name) or ""
             if not path:
                 raise AdapterNotFoundError(self._not_registered(name) + "; give its lora_path to register it")
             self.model.register_adapter(name, path)
@@ -357,7 +435,7 @@ class Engine:
                 f"adapter {name!r} is registered from {self.cache.source(name).path!r}, but this request gives "
                 f"{path!r}; unload it first or use another lora_name"
             )
-        return lora_request
+        return lora or LoRARequest(name, 1, self.cache.source(name).path)
 
     def _not_registered(self, name: str) -> str:
         try:
@@ -373,6 +451,7 @@ class Engine:
             started = time.perf_counter()
             outputs, self._pending = self._pending, []
             plan = self.scheduler.schedule()
+            self.plugins.notify("multilora_batch_scheduled", scheduler_output=plan)
             for seq, exc in plan.failed:
                 outputs.append(self._fail(seq, exc))
             self._prefetch(plan.adapters_to_prefetch)
@@ -382,11 +461,11 @@ class Engine:
                     self._release(seq)
                     seq.metrics.num_preemptions += 1
             admitted = self._hold(plan.prefill, outputs)
-            logits, new = [], None
+            logits, new, decoded = [], None, len(self._rows)
             if self._batch is not None:
-                decoded = self._decode(outputs)
-                if decoded is not None:
-                    logits.append(decoded)
+                decode_logits = self._decode(outputs)
+                if decode_logits is not None:
+                    logits.append(decode_logits)
             if admitted:
                 new, admitted, prefill_logits = self._prefill(admitted, outputs)
                 if new is not None:
@@ -394,8 +473,8 @@ class Engine:
             rows = self._rows + admitted
             if rows:
                 now = time.perf_counter()
-                tokens = sample(torch.cat(logits), [(s.params, s.prompt_ids + s.output_ids if s.params.processors else (), s.generator)
-                                                    for s in rows])
+                history = [s.prompt_ids + s.output_ids if s.params.processors else () for s in rows]
+                tokens = sample(torch.cat(logits), [(s.params, h, s.generator) for s, h in zip(rows, history)])
                 for seq, token in zip(rows, tokens):
                     self._append(seq, token, now)
                     outputs.append(self._output(seq))
@@ -404,7 +483,16 @@ class Engine:
                         self._release(seq)
                         self._retire(seq)
                 self._rebatch(new, admitted)
-                self._busy_s += time.perf_counter() - started
+            ended, self._ended = self._ended, {}
+            for out in outputs:
+                if out.finished and out.request_id in ended:
+                    self.plugins.notify("multilora_request_finished", request=ended[out.request_id].info, output=out)
+            sched = self.scheduler.stats()
+            self.plugins.notify("multilora_step_finished", stats=StepStats(
+                step=plan.step, duration_s=time.perf_counter() - started, num_prefill=len(admitted),
+                num_decode=decoded, generated_tokens=len(rows),
+                finished=len(ended), running=sched.running, waiting=sched.waiting,
+            ))
             return outputs
 
     def _prefetch(self, names: Sequence[str]) -> None:
@@ -480,13 +568,11 @@ class Engine:
     def _append(self, seq: _Sequence, token: int, now: float) -> None:
         seq.output_ids.append(token)
         self.scheduler.record_tokens(seq.request_id, 1)
-        self._counts["tokens"] += 1
         metrics = seq.metrics
         if metrics.first_token_time is None:
             metrics.first_token_time = now
-            self._ttft.append(now - metrics.arrival_time)
         else:
-            self._itl.append(now - metrics.last_token_time)
+            metrics.inter_token_s.append(now - metrics.last_token_time)
         metrics.last_token_time = now
         params = seq.params
         before = len(seq.text)
@@ -543,7 +629,7 @@ class Engine:
     def _retire(self, seq: _Sequence) -> None:
         self._requests.pop(seq.request_id, None)
         seq.metrics.finished_time = time.perf_counter()
-        self._counts[{"abort": "aborted", "error": "failed"}.get(seq.finish_reason, "finished")] += 1
+        self._ended[seq.request_id] = seq
 
     # the running batch ----------------------------------------------------------------------------
     def _remove_rows(self, gone: Sequence[_Sequence]) -> None:
@@ -574,17 +660,12 @@ class Engine:
         with self._lock:
             sched = self.scheduler.stats()
             cache = self.cache.stats()
-            ttft, itl = list(self._ttft), list(self._itl)
             return EngineStats(
                 steps=sched.steps, running=sched.running, waiting=sched.waiting,
                 active_adapters=sched.active_adapters, slot_contents=self.cache.contents(),
                 adapter_swaps=sched.adapter_swaps, slot_swaps=cache.slot_swaps, preemptions=sched.preemptions,
                 gpu_hits=cache.gpu_hits, gpu_misses=cache.gpu_misses, cpu_hits=cache.cpu_hits,
-                cpu_misses=cache.cpu_misses, finished=self._counts["finished"], aborted=self._counts["aborted"],
-                failed=self._counts["failed"], generated_tokens=self._counts["tokens"],
-                tokens_per_s=self._counts["tokens"] / self._busy_s if self._busy_s else 0.0,
-                mean_ttft_s=sum(ttft) / len(ttft) if ttft else 0.0, p99_ttft_s=_percentile(ttft, 0.99),
-                mean_itl_s=sum(itl) / len(itl) if itl else 0.0, p99_itl_s=_percentile(itl, 0.99),
+                cpu_misses=cache.cpu_misses, **self.statistics.snapshot(),
             )
 
 

@@ -49,3 +49,11 @@ class CapacityError(MultiLoRAError, RuntimeError):
 
 class KernelInputError(MultiLoRAError, ValueError):
     """A kernel op was called with tensors of the wrong shape, dtype or device."""
+
+
+class RequestRejected(MultiLoRAError, ValueError):
+    """A plugin's `multilora_request_received` refused the request; raise it there with the reason."""
+
+
+class PluginError(MultiLoRAError, RuntimeError):
+    """A plugin could not be loaded, or raised an unexpected error in a hook that decides a request."""

@@ -120,6 +120,9 @@ class MultiLoRAModel(nn.Module):
             slot_buffer_bytes=sum(layer.slot_bytes() for layer in self._layers.values()),
         )
         self._last_mapping: Optional[BatchMapping] = None
+        # source → a PEFT state dict or None (read the adapter's directory); an engine sets it to its
+        # plugins' `multilora_load_adapter_weights`
+        self.weights_provider = None
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             model.register_forward_hook(self._after_forward, always_call=True),
@@ -211,7 +214,9 @@ class MultiLoRAModel(nn.Module):
         return self._cache.contents()
 
     def _read_weights(self, source: AdapterSource) -> AdapterWeights:
-        weights = read_adapter(source.name, source.path, self._modules_info, source.config)
+        provider = self.weights_provider
+        tensors = provider(source) if provider is not None else None
+        weights = read_adapter(source.name, source.path, self._modules_info, source.config, tensors)
         return weights.pin_memory() if self._copy_stream is not None else weights
 
     def _write_slots(self, writes: Sequence[tuple]) -> None:

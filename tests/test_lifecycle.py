@@ -36,9 +36,9 @@ def reads(monkeypatch):
     counts: dict = {}
     real = wrap_module.read_adapter
 
-    def counting(name, path, modules, config=None):
+    def counting(name, path, modules, config=None, tensors=None):
         counts[name] = counts.get(name, 0) + 1
-        return real(name, path, modules, config)
+        return real(name, path, modules, config, tensors)
 
     monkeypatch.setattr(wrap_module, "read_adapter", counting)
     return counts

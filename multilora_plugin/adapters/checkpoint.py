@@ -190,15 +190,21 @@ def _scaling(config: LoraConfig, module: str, rank: int, path: str) -> float:
     return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
 
 
-def read_adapter(name: str, path: str, model: ModelModules, config: Optional[LoraConfig] = None) -> AdapterWeights:
+def read_adapter(name: str, path: str, model: ModelModules, config: Optional[LoraConfig] = None,
+                 tensors: Optional[Mapping[str, torch.Tensor]] = None) -> AdapterWeights:
     """Read, validate and scale a PEFT LoRA adapter directory. Raises a `MultiLoRAError` on any problem.
 
     `config`: the adapter's config when it was read already (at registration); the weights are checked
-    against it. None: read it from `path`.
+    against it. None: read it from `path`. `tensors`: its PEFT state dict when it comes from elsewhere
+    (a plugin's store); None: read the weights file in `path`.
     """
     path = os.fspath(path)
     config = read_config(path) if config is None else config
-    pairs = _module_pairs(path, _read_tensors(path))
+    if tensors is not None and not (isinstance(tensors, Mapping)
+                                    and all(isinstance(t, torch.Tensor) for t in tensors.values())):
+        raise AdapterLoadError(f"adapter {name!r}: the weights provided should be a PEFT state dict "
+                               f"{{name: tensor}}, but got {type(tensors).__name__}")
+    pairs = _module_pairs(path, _read_tensors(path) if tensors is None else dict(tensors))
     modules = {}
     for module in sorted(pairs):
         _check_module(path, module, pairs[module], model)

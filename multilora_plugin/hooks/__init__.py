@@ -1,4 +1,10 @@
-"""Pluggy hook specifications and the plugin manager (project name and entry-point group `multilora_plugin`).
+"""Plugins: pluggy hook specifications (`specs.py`), one plugin manager per engine (`manager.py`) and
+the built-in plugins (`builtin.py`). Project name and entry-point group: `multilora_plugin`.
+See docs/hooks.md."""
 
-Empty in this release: host-application hooks are specified in a later version.
-"""
+from .builtin import AdapterDirectory, EngineStatistics
+from .manager import ENTRY_POINT_GROUP, AdapterRegistry, Plugins
+from .specs import hookimpl, hookspec
+
+__all__ = ["ENTRY_POINT_GROUP", "AdapterDirectory", "AdapterRegistry", "EngineStatistics", "Plugins", "hookimpl",
+           "hookspec"]
