@@ -284,3 +284,15 @@ def test_an_installed_package_is_found_through_its_entry_point(kit, installed_ex
     assert done["q2"].outputs[0].token_ids == kit.alone([7, 8], "task3", 3, eos=False)
     assert done["q3"].outputs[0].token_ids == kit.alone([9], "task1", 3, eos=False)
     assert "example_router" not in Engine(model, load_entrypoints=False).plugins.names()
+
+
+def test_close_detaches_the_engine_from_the_model(kit):
+    recorder = Recorder()
+    engine = engine_for(kit, [recorder])
+    engine.add_request("left", prompt_token_ids=[5], sampling_params=GREEDY, lora_request="task0")
+    engine.close()
+    assert engine.model.weights_provider is None and engine._on_adapter_event not in engine.cache.listeners
+    assert [o.outputs[0].finish_reason for o in engine.step()] == ["abort"]
+    before = len(recorder.calls)
+    engine.model.load_adapter("late", kit.paths["task1"])
+    assert not [c for c in recorder.calls[before:] if c[0].startswith("adapter_")]
