@@ -196,25 +196,34 @@ class _Detokenizer:
 
 @dataclass(eq=False)
 class _Sequence(Request):
-    """A request inside the engine: the scheduler's view plus what generating it needs."""
+    """A request inside the engine: the scheduler's view, the request as plugins left it (`info`),
+    and what generating it needs."""
 
-    prompt: Optional[str] = None
-    prompt_ids: List[int] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=SamplingParams)
-    lora_request: Optional[LoRARequest] = None
+    info: Optional[EngineRequest] = None
+    lora_request: Optional[LoRARequest] = None  # the adapter it runs with, as resolved
     generator: Optional[torch.Generator] = None
     output_ids: List[int] = field(default_factory=list)
     text: str = ""  # decoded output, stop strings cut
     sent_text: int = 0  # characters of `text` already reported
     sent_tokens: int = 0  # tokens already reported
     detokenizer: Optional[_Detokenizer] = None
-    slot: Optional[int] = None  # the adapter's slot while this request holds it
-    holds: bool = False
+    slot: Optional[int] = None  # the adapter's slot while this request holds it (None: holds nothing)
     finish_reason: Optional[str] = None
     stop_reason: Union[str, int, None] = None
     error: Optional[Exception] = None
     metrics: Optional[RequestMetrics] = None
-    info: Optional[EngineRequest] = None
+
+    @property
+    def prompt(self) -> Optional[str]:
+        return self.info.prompt
+
+    @property
+    def prompt_ids(self) -> List[int]:
+        return self.info.prompt_token_ids
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.info.sampling_params
 
 
 class Engine:
@@ -339,9 +348,8 @@ class Engine:
             seq = _Sequence(
                 request_id=request_id, adapter=None if lora is None else lora.lora_name,
                 num_prompt_tokens=len(ids), max_new_tokens=params.max_new_tokens, priority=info.priority,
-                prompt=text, prompt_ids=ids, params=params, lora_request=lora,
-                generator=params.generator(self._device), detokenizer=_Detokenizer(self.tokenizer, ids),
-                metrics=RequestMetrics(arrival_time=time.perf_counter()), info=info,
+                info=info, lora_request=lora, generator=params.generator(self._device),
+                detokenizer=_Detokenizer(self.tokenizer, ids), metrics=RequestMetrics(arrival_time=time.perf_counter()),
             )
             self.scheduler.add(seq)
             self._requests[request_id] = seq
@@ -514,7 +522,6 @@ class Engine:
             if exc is None:
                 try:
                     seq.slot = self.cache.acquire([seq.adapter])[seq.adapter]
-                    seq.holds = True
                     held.append(seq)
                     continue
                 except CapacityError:
@@ -527,9 +534,9 @@ class Engine:
         return held
 
     def _release(self, seq: _Sequence) -> None:
-        if seq.holds:
+        if seq.slot is not None:
             self.cache.release([seq.adapter])
-            seq.holds, seq.slot = False, None
+            seq.slot = None
 
     def _decode(self, outputs: List[RequestOutput]) -> Optional[torch.Tensor]:
         try:

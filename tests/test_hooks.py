@@ -4,6 +4,7 @@ fails only what it should."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata
 import inspect
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import multilora_plugin
-from multilora_plugin import Engine, LoRARequest, SamplingParams, toy
+from multilora_plugin import Engine, LoRARequest, SamplingParams
 from multilora_plugin.errors import AdapterLoadError, AdapterNotFoundError, PluginError, RequestRejected
 from multilora_plugin.hooks import Plugins, specs
 from tests.plugins import faulty
@@ -106,7 +107,7 @@ def test_failing_observers_never_stop_the_engine(kit):
     requests = [([5, 6, 7], "task0", 4, 0), ([8, 9], "task1", 4, 1), ([10], None, 3, 1), ([11, 12], "task2", 3, 2)]
     done = drive(engine, requests)
     for i, (prompt, adapter, n, _) in enumerate(requests):
-        assert done[i].outputs[0].token_ids == engine_kit_alone(kit, prompt, adapter, n), i
+        assert done[i].outputs[0].token_ids == kit.alone(prompt, adapter, n, eos=False), i
     errors = {hook: count for (plugin, hook), count in engine.plugins.errors.items()}
     assert errors["multilora_register_adapters"] == 1
     assert errors["multilora_request_finished"] == len(requests)
@@ -115,10 +116,6 @@ def test_failing_observers_never_stop_the_engine(kit):
     assert errors["multilora_adapter_loaded"] == 6 and errors["multilora_adapter_evicted"] == 1
     assert {plugin for plugin, _ in engine.plugins.errors} == {"FailsToObserve"}
     assert engine.stats().finished == len(requests), "the statistics plugin still sees every request"
-
-
-def engine_kit_alone(kit, prompt, adapter, n):
-    return kit.alone(prompt, adapter, n, eos=False)
 
 
 def run_all(engine):
@@ -165,7 +162,7 @@ def test_resolver_failures_and_answers(kit, tmp_path):
         def multilora_resolve_adapter(self, name):
             return kit.paths.get(name.removeprefix("store/"))
 
-    model = multilora_plugin.wrap(_copy(kit.base), max_loras=2)
+    model = multilora_plugin.wrap(copy.deepcopy(kit.base), max_loras=2)
     engine = Engine(model, kit.tokenizer, plugins=[Store()], load_entrypoints=False)
     engine.add_request("y", prompt_token_ids=[5, 6], sampling_params=GREEDY, lora_request="store/task4")
     with pytest.raises(AdapterNotFoundError, match="'store/nope' is not registered"):
@@ -173,12 +170,6 @@ def test_resolver_failures_and_answers(kit, tmp_path):
     done = run_all(engine)
     assert engine.model.adapters["store/task4"].path == kit.paths["task4"]
     assert done["y"].outputs[0].token_ids == kit.alone([5, 6], "task4", 3, eos=False)
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def test_weights_from_a_plugin_store(kit, tmp_path):
@@ -222,7 +213,7 @@ def test_adapter_directory_registers_and_finds_new_adapters(kit, tmp_path):
     for name in ("task0", "task1"):
         shutil.copytree(kit.paths[name], root / name)
     (root / "notes").mkdir()  # not an adapter
-    model = multilora_plugin.wrap(_copy(kit.base), max_loras=2)
+    model = multilora_plugin.wrap(copy.deepcopy(kit.base), max_loras=2)
     engine = Engine(model, kit.tokenizer, adapter_dir=root, load_entrypoints=False)
     assert list(model.adapters) == ["task0", "task1"]
     shutil.copytree(kit.paths["task7"], root / "task7")  # appears while the engine runs
@@ -269,7 +260,7 @@ def test_an_installed_package_is_found_through_its_entry_point(kit, installed_ex
     for task, adapter in (("sql", "task0"), ("chat", "task3")):
         shutil.copytree(kit.paths[adapter], root / task)
     monkeypatch.setenv("MULTILORA_EXAMPLE_ADAPTERS", str(root))
-    model = multilora_plugin.wrap(_copy(kit.base), max_loras=2)
+    model = multilora_plugin.wrap(copy.deepcopy(kit.base), max_loras=2)
     engine = Engine(model, kit.tokenizer)  # entry points on: the example package is loaded
     assert "example_router" in engine.plugins.names()
     assert set(model.adapters) == {"sql", "chat"}

@@ -31,7 +31,7 @@ class AdapterDirectory:
                               "is not a directory")
 
     def _path(self, name: str) -> Optional[str]:
-        if not name or name in (".", "..") or "/" in name or (os.sep in name) or (os.altsep and os.altsep in name):
+        if not name or name in (".", "..") or any(sep and sep in name for sep in ("/", os.sep, os.altsep)):
             return None  # never leave the root
         path = os.path.join(self.root, name)
         return path if os.path.isfile(os.path.join(path, CONFIG_NAME)) else None

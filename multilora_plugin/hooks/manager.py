@@ -95,22 +95,29 @@ class Plugins:
             self.register(plugin() if isinstance(plugin, type) else plugin, name=ep.name)
 
     # observation ------------------------------------------------------------------------------------
+    def _implementations(self, hook_name: str) -> list:
+        """A hook's implementations in pluggy's order (the latest registered first)."""
+        return list(reversed(getattr(self.manager.hook, hook_name).get_hookimpls()))
+
+    @staticmethod
+    def _call(impl, kwargs: dict):
+        """Call one implementation with the arguments it names (a subset of the hook's)."""
+        return impl.function(*[kwargs[arg] for arg in impl.argnames])
+
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of an observation hook on its own; failures are logged and counted."""
-        hook = getattr(self.manager.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in self._implementations(hook_name):
             try:
-                impl.function(*[kwargs[arg] for arg in impl.argnames])
+                self._call(impl, kwargs)
             except Exception:  # noqa: BLE001 - an observer never stops the engine
                 self.errors[(impl.plugin_name, hook_name)] += 1
                 logger.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
 
     # decisions --------------------------------------------------------------------------------------
     def request_received(self, request: Any) -> None:
-        hook = self.manager.hook.multilora_request_received
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in self._implementations("multilora_request_received"):
             try:
-                impl.function(*[{"request": request}[arg] for arg in impl.argnames])
+                self._call(impl, {"request": request})
             except MultiLoRAError:  # RequestRejected, or an error of ours raised on purpose: the caller's
                 raise
             except Exception as exc:  # noqa: BLE001
