@@ -48,7 +48,7 @@ from .errors import (
     PluginError,
 )
 from .hooks import AdapterDirectory, AdapterRegistry, EngineStatistics, Plugins
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, logprobs, sample
 from .scheduler import Request, Scheduler, SchedulerConfig
 
 FINISH_REASONS = ("length", "stop", "abort", "error")
@@ -82,6 +82,9 @@ class CompletionOutput:
     stop_reason: Union[str, int, None] = None  # the stop string or stop token id that ended it
     delta_text: str = ""  # added to `text` since this request's previous output
     delta_token_ids: List[int] = field(default_factory=list)
+    # with SamplingParams(logprobs=k): per token, {token id: log-probability}, the chosen token first
+    logprobs: Optional[List[Dict[int, float]]] = None
+    cumulative_logprob: Optional[float] = None
 
     @property
     def finished(self) -> bool:
@@ -203,6 +206,7 @@ class _Sequence(Request):
     lora_request: Optional[LoRARequest] = None  # the adapter it runs with, as resolved
     generator: Optional[torch.Generator] = None
     output_ids: List[int] = field(default_factory=list)
+    logprobs: Optional[List[Dict[int, float]]] = None  # per output token, with SamplingParams(logprobs=k)
     text: str = ""  # decoded output, stop strings cut
     sent_text: int = 0  # characters of `text` already reported
     sent_tokens: int = 0  # tokens already reported
@@ -282,7 +286,7 @@ class Engine:
 
     def close(self) -> None:
         """Detach from the model (its adapter events and weights provider); aborts what is left."""
-        self.abort_request(list(self._requests))
+        self.abort_request(self.unfinished_request_ids())
         if self._on_adapter_event in self.cache.listeners:
             self.cache.listeners.remove(self._on_adapter_event)
         if getattr(self.model, "weights_provider", None) == self.plugins.load_adapter_weights:
@@ -314,7 +318,8 @@ class Engine:
                     sampling_params: Optional[SamplingParams] = None, lora_request=None, priority: int = 0,
                     *, prompt_token_ids: Optional[Sequence[int]] = None,
                     metadata: Optional[Mapping[str, Any]] = None) -> None:
-        """Queue a request. `prompt` is a string (needs a tokenizer) or token ids; `lora_request` a
+        """Queue a request. `prompt` is a string (needs a tokenizer) or token ids (or both: the text in
+        `prompt`, its ids, as the host tokenized them, in `prompt_token_ids`); `lora_request` a
         `LoRARequest`, an adapter name, or None for the base model; `metadata` the host's own fields,
         for plugins that route requests.
 
@@ -373,6 +378,10 @@ class Engine:
         with self._lock:
             return bool(self._requests or self._pending)
 
+    def unfinished_request_ids(self) -> List[str]:
+        with self._lock:
+            return list(self._requests)
+
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
             return len(self._requests)
@@ -390,9 +399,12 @@ class Engine:
         return params
 
     def _tokens(self, request_id: str, prompt, prompt_token_ids) -> tuple:
-        if prompt is not None and prompt_token_ids is not None:
-            raise InvalidRequestError(f"request {request_id!r}: give `prompt` or `prompt_token_ids`, not both")
         text = None
+        if prompt is not None and prompt_token_ids is not None:  # the host tokenized it: ids rule, text kept
+            if not isinstance(prompt, str):
+                raise InvalidRequestError(f"request {request_id!r}: with `prompt_token_ids`, `prompt` should be "
+                                          f"the text they encode, but got {type(prompt).__name__}")
+            text, prompt = prompt, None
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError(f"request {request_id!r}: a text prompt needs an engine with a tokenizer; "
@@ -482,7 +494,9 @@ class Engine:
             if rows:
                 now = time.perf_counter()
                 history = [s.prompt_ids + s.output_ids if s.params.processors else () for s in rows]
-                tokens = sample(torch.cat(logits), [(s.params, h, s.generator) for s, h in zip(rows, history)])
+                logits = torch.cat(logits)
+                tokens = sample(logits, [(s.params, h, s.generator) for s, h in zip(rows, history)])
+                self._logprobs(rows, logits, tokens)
                 for seq, token in zip(rows, tokens):
                     self._append(seq, token, now)
                     outputs.append(self._output(seq))
@@ -572,6 +586,19 @@ class Engine:
         return (Batch.concatenate([p[0] for p in parts]), [p[1][0] for p in parts],
                 torch.cat([p[2] for p in parts]))
 
+    @staticmethod
+    def _logprobs(rows: List[_Sequence], logits: torch.Tensor, tokens: List[int]) -> None:
+        want = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+        if not want:
+            return
+        index = torch.as_tensor(want, device=logits.device)
+        found = logprobs(logits.index_select(0, index), [tokens[i] for i in want],
+                         [rows[i].params.logprobs for i in want])
+        for i, entry in zip(want, found):
+            if rows[i].logprobs is None:
+                rows[i].logprobs = []
+            rows[i].logprobs.append(entry)
+
     def _append(self, seq: _Sequence, token: int, now: float) -> None:
         seq.output_ids.append(token)
         self.scheduler.record_tokens(seq.request_id, 1)
@@ -618,6 +645,9 @@ class Engine:
             stop_reason=seq.stop_reason, delta_text=seq.text[seq.sent_text:visible],
             delta_token_ids=seq.output_ids[seq.sent_tokens:],
         )
+        if seq.params.logprobs is not None:
+            completion.logprobs = list(seq.logprobs or ())
+            completion.cumulative_logprob = sum(entry[t] for entry, t in zip(completion.logprobs, seq.output_ids))
         seq.sent_text, seq.sent_tokens = visible, len(seq.output_ids)
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=list(seq.prompt_ids),

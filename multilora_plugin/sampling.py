@@ -27,7 +27,12 @@ from .errors import InvalidRequestError
 def _number(value, name: str, low: float, high: float = math.inf, *, integer: bool = False,
             low_open: bool = False) -> None:
     kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and not integer:
+        try:
+            ok = math.isfinite(float(value))
+        except OverflowError:  # an int beyond any float
+            ok = False
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
@@ -50,6 +55,7 @@ class SamplingParams:
     stop: Sequence[str] = ()  # strings that end the output (not included in it)
     stop_token_ids: Sequence[int] = ()  # tokens that end the output, besides EOS
     ignore_eos: bool = False
+    logprobs: Optional[int] = None  # report each token's log-probability and the top `logprobs` others
     processors: LogitsProcessorList = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,7 +66,7 @@ class SamplingParams:
         _number(self.min_p, "min_p", 0, 1)
         _number(self.repetition_penalty, "repetition_penalty", 0, low_open=True)
         if self.seed is not None:
-            _number(self.seed, "seed", 0, integer=True)
+            _number(self.seed, "seed", 0, 2**64 - 1, integer=True)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -69,6 +75,8 @@ class SamplingParams:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError(f"`stop_token_ids` should be a list of token ids, but got {self.stop_token_ids!r}")
         self.stop_token_ids = tuple(self.stop_token_ids)
+        if self.logprobs is not None:
+            _number(self.logprobs, "logprobs", 0, 20, integer=True)
         self.processors = self._build()
 
     @property
@@ -131,5 +139,29 @@ def sample(logits: torch.Tensor, rows: Sequence[Tuple[SamplingParams, Sequence[i
             tokens[i] = int(scores.argmax(-1))
         else:
             probs = torch.softmax(scores, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
+            if torch.isfinite(probs).all() and probs.sum() > 0:
+                tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
+            else:  # extreme settings (temperature → 0, penalties → 0) overflow: their limit is greedy
+                tokens[i] = int(logits[i].argmax(-1))
     return tokens
+
+
+def logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> List[dict]:
+    """Each row's {token: log-probability} under the model's own distribution (before any
+    processor, as vLLM reports them): its chosen token first, then its `top[i]` most likely tokens.
+
+    Args:
+      logits: [B, V]; tokens: the B chosen tokens; top: B counts (0: the chosen token only)
+    """
+    scores = torch.log_softmax(logits.float(), dim=-1)
+    chosen = scores.gather(1, torch.as_tensor(tokens, device=logits.device).view(-1, 1)).view(-1).tolist()
+    most = max(top, default=0)
+    values, ids = scores.topk(most, dim=-1) if most else (None, None)
+    out = []
+    for i, (token, logprob) in enumerate(zip(tokens, chosen)):
+        entry = {token: logprob}
+        if top[i]:
+            for t, v in zip(ids[i, : top[i]].tolist(), values[i, : top[i]].tolist()):
+                entry.setdefault(t, v)
+        out.append(entry)
+    return out

@@ -429,3 +429,39 @@ def test_a_forward_that_raises_fails_only_the_requests_it_ran(kit, monkeypatch):
     broken["decode"] = False
     done = drive(engine, [([12, 13], "task3", 3, 0)])
     assert done[0].outputs[0].token_ids == kit.alone([12, 13], "task3", 3)
+
+
+def test_logprobs_equal_peft_log_softmax(kit):
+    """`SamplingParams(logprobs=k)`: each token's log-probability under the model (PEFT's logits,
+    log-softmaxed) and the k most likely tokens; the same in a mixed batch as alone."""
+    from peft import PeftModel
+
+    prompts = [([5, 6, 7, 8], "task1"), ([9, 10, 11], None), ([12, 13, 14, 15, 16], "task2")]
+    llm = LLM(kit.wrapped(), kit.tokenizer, load_entrypoints=False)
+    params = SamplingParams(max_new_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in prompts], params, [a for _, a in prompts],
+                        use_tqdm=False)
+    for (prompt, adapter), out in zip(prompts, outs):
+        reference = PeftModel.from_pretrained(copy.deepcopy(kit.base), kit.paths[adapter]).eval() if adapter \
+            else kit.base
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            gen = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=5, pad_token_id=0, eos_token_id=None, output_logits=True,
+                                     return_dict_in_generate=True)
+        completion = out.outputs[0]
+        assert completion.token_ids == gen.sequences[0, len(prompt):].tolist()
+        assert len(completion.logprobs) == 5
+        total = 0.0
+        for token, entry, logits in zip(completion.token_ids, completion.logprobs, gen.logits):
+            want = torch.log_softmax(logits[0].float(), -1)
+            assert next(iter(entry)) == token  # the chosen token first
+            assert entry[token] == pytest.approx(want[token].item(), abs=1e-4)
+            top = want.topk(3)
+            for t, v in zip(top.indices.tolist(), top.values.tolist()):
+                assert entry[t] == pytest.approx(v, abs=1e-4)
+            assert len(entry) <= 4
+            total += entry[token]
+        assert completion.cumulative_logprob == pytest.approx(total)
+    plain = llm.generate([{"prompt_token_ids": prompts[0][0]}], SamplingParams(max_new_tokens=2), use_tqdm=False)
+    assert plain[0].outputs[0].logprobs is None

@@ -25,7 +25,7 @@ def logits_rows(n, seed=0):
     (dict(top_p=1.5), "`top_p` should be a number > 0 and <= 1, but got 1.5"),
     (dict(min_p=2), "`min_p` should be a number >= 0 and <= 1, but got 2"),
     (dict(repetition_penalty=0), "`repetition_penalty` should be a number > 0, but got 0"),
-    (dict(seed=-3), "`seed` should be an int >= 0, but got -3"),
+    (dict(seed=-3), "`seed` should be an int >= 0 and <= 18446744073709551615, but got -3"),
     (dict(stop=[""]), "`stop` should be a list of non-empty strings"),
     (dict(stop_token_ids=[1, "x"]), "`stop_token_ids` should be a list of token ids"),
 ])
