@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from .adapters import (
@@ -52,11 +53,17 @@ def wrap(
     """Patch `model`'s linear layers into slot-indexed multi-LoRA layers and return the facade.
 
     The model is changed in place (`MultiLoRAModel.unwrap()` restores it). See `MultiLoRAConfig`.
+    A `peft.PeftModel` of LoRA adapters is taken apart (see `integrations.peft.wrap_peft_model`):
+    its base model is wrapped and every adapter is served under its PEFT name.
     """
     config = MultiLoRAConfig(
         max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
         target_modules=target_modules, backend=backend,
     )
+    if isinstance(model, PeftModel):
+        from .integrations.peft import wrap_peft_model  # it imports this module
+
+        return wrap_peft_model(model, config)
     return MultiLoRAModel(model, config)
 
 
@@ -81,8 +88,8 @@ class MultiLoRAModel(nn.Module):
             raise WrapError(f"expected a torch nn.Module (a transformers model), but got {type(model).__name__}")
         if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
             raise WrapError(
-                "expected a plain transformers model, but got a PEFT model; wrap `peft_model.get_base_model()` "
-                "after `unload()` and load its adapters with `load_adapter`"
+                f"expected a plain transformers model, but got a PEFT model ({type(model).__name__}); "
+                "pass the peft.PeftModel itself to `multilora_plugin.wrap()`, which serves its LoRA adapters"
             )
         if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
             raise WrapError("this model is already wrapped: call `unwrap()` on its MultiLoRAModel first")
