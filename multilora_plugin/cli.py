@@ -3,12 +3,16 @@
     multilora demo      a tiny Llama, a tokenizer and four PEFT adapters built locally; one mixed
                         batch (three adapters and the base model), then a stream of requests over all
                         four adapters and the base model through the continuous-batching engine with
-                        two slots; every output checked against PEFT
+                        two slots, then the same through the HTTP server (TGI and OpenAI routes) with
+                        concurrent clients; every output checked against PEFT
+    multilora serve     the HTTP server (TGI- and OpenAI-compatible) for a model directory and PEFT
+                        adapter directories; without --model, the demo's tiny model and adapters
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import tempfile
@@ -78,6 +82,7 @@ def run_demo(new_tokens: int = 12, seed: int = 0) -> int:
               f"({stats.cpu_bytes / 1024:.0f} KiB) in CPU memory, {stats.gpu_bytes / 1024:.0f} KiB in slots; "
               f"{stats.slot_swaps} slot swaps")
         failures += _demo_engine(base, tokenizer, paths, peft, new_tokens)
+        failures += _demo_server(base, tokenizer, paths, peft, new_tokens)
     verdict = "every output matches PEFT" if not failures else f"{failures} output(s) differ from PEFT"
     print(f"\n{verdict} ({time.perf_counter() - started:.1f} s)")
     return 1 if failures else 0
@@ -115,15 +120,183 @@ def _demo_engine(base, tokenizer, paths, peft, new_tokens: int) -> int:
     return failures
 
 
+def _peft_tokens(peft, name, ids: Sequence[int], new_tokens: int) -> list:
+    ids = torch.tensor([list(ids)])
+    with torch.no_grad():
+        out = peft[name].generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new_tokens, eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _demo_server(base, tokenizer, paths, peft, new_tokens: int) -> int:
+    """The HTTP server on a free local port, two slots; 12 concurrent clients over the TGI route
+    (`adapter_id`) and the OpenAI chat route (`model`), every answer checked against PEFT."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import InferenceClient
+    from tqdm.auto import tqdm
+
+    import multilora_plugin
+
+    model = multilora_plugin.wrap(copy.deepcopy(base), max_loras=2)
+    for name, path in paths.items():
+        model.register_adapter(name, path)
+    engine = multilora_plugin.Engine(model, tokenizer, max_num_seqs=8)
+    from .integrations.server import create_app
+
+    with running_server(create_app(engine, served_model_name="tiny-llama")) as url:
+        client = InferenceClient(base_url=url)
+        print(f"\nHTTP server at {url} (TGI: POST /generate, OpenAI: POST /v1/chat/completions, GET /metrics)")
+        adapters = [None] + list(DEMO_ADAPTERS)
+
+        def tgi(i: int):
+            name, prompt = adapters[i % len(adapters)], DEMO_ROWS[i % len(DEMO_ROWS)][1]
+            out = client.text_generation(prompt, adapter_id=name, max_new_tokens=new_tokens, details=True)
+            ids = tokenizer.encode(prompt)
+            return "TGI   ", name, [t.id for t in out.details.tokens] == _peft_tokens(peft, name, ids, new_tokens), \
+                out.generated_text
+
+        def chat(i: int):
+            name, prompt = adapters[i % len(adapters)], DEMO_ROWS[i % len(DEMO_ROWS)][1]
+            messages = [{"role": "user", "content": prompt}]
+            out = client.chat_completion(messages, model=name or "tiny-llama", max_tokens=new_tokens, temperature=0)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            want = tokenizer.decode(ids + _peft_tokens(peft, name, ids, new_tokens), skip_special_tokens=True)
+            want = want[len(tokenizer.decode(ids, skip_special_tokens=True)):]
+            return "OpenAI", name, out.choices[0].message.content == want, out.choices[0].message.content
+
+        calls = [(tgi if i % 2 == 0 else chat, i) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool, tqdm(total=len(calls), desc="HTTP requests", unit="req") as progress:
+            futures = [pool.submit(f, i) for f, i in calls]
+            results = []
+            for future in futures:
+                results.append(future.result())
+                progress.update(1)
+        failures = 0
+        for api, name, same, text in results:
+            failures += not same
+            print(f"  {api} adapter={str(name):5} {'matches PEFT' if same else 'DIFFERS FROM PEFT'}  {text.strip()}")
+        stats = engine.stats()
+        print(f"\nserver: {stats.finished} requests, {stats.generated_tokens} tokens in {stats.steps} steps, "
+              f"{stats.slot_swaps} slot swaps")
+    return failures
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve an ASGI app (`integrations.server.create_app(engine)`) on a free 127.0.0.1 port in a
+    background thread; yields the base URL, stops the server on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, name="multilora-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on port {port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _adapter_arg(value: str) -> tuple:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, but got {value!r}")
+    return name, path
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the model and adapters, then serve them with uvicorn until interrupted."""
+    import uvicorn
+
+    import multilora_plugin
+    from multilora_plugin import toy
+
+    from .integrations.server import create_app
+
+    keep = None
+    adapters = list(args.adapter)
+    if args.model is None:  # the demo's tiny model and adapters
+        keep = tempfile.TemporaryDirectory(prefix="multilora-serve-")
+        print("no --model given: serving the demo's tiny Llama and its adapters", ", ".join(DEMO_ADAPTERS))
+        hf_model = toy.tiny_model("llama", hidden_size=64, num_layers=2, vocab_size=256)
+        tokenizer = toy.tiny_tokenizer(256)
+        adapters += [(name, toy.make_adapter(hf_model, f"{keep.name}/{name}", **spec))
+                     for name, spec in DEMO_ADAPTERS.items()]
+        name = args.served_model_name or "tiny-llama"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"loading {args.model} ...")
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        name = args.served_model_name or args.model
+    model = multilora_plugin.wrap(hf_model, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                                  max_cpu_loras=args.max_cpu_loras)
+    from tqdm.auto import tqdm
+
+    for adapter, path in tqdm(adapters, desc="registering adapters", unit="adapter", disable=not adapters):
+        model.register_adapter(adapter, path)
+    engine_args = {"max_num_seqs": args.max_num_seqs}
+    if args.max_model_len:
+        engine_args["max_model_len"] = args.max_model_len
+    engine = multilora_plugin.Engine(model, tokenizer, adapter_dir=args.adapter_dir, **engine_args)
+    app = create_app(engine, served_model_name=name, max_concurrent_requests=args.max_concurrent_requests)
+    print(f"serving {name!r} with {len(model.adapter_cache.names())} adapters, max_loras={args.max_loras} "
+          f"on http://{args.host}:{args.port}")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+        if keep is not None:
+            keep.cleanup()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="multilora", description="Serve many LoRA adapters on one model.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run one mixed-adapter batch on a tiny local model and check it against PEFT")
     demo.add_argument("--new-tokens", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
+    server = commands.add_parser("serve", help="serve a model and its adapters over HTTP (TGI and OpenAI APIs)")
+    server.add_argument("--model", help="a transformers model directory or hub id (default: the demo's tiny model)")
+    server.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    server.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="NAME=PATH",
+                        help="a PEFT LoRA adapter directory to serve as NAME (repeatable)")
+    server.add_argument("--adapter-dir", help="serve every PEFT adapter under this directory, by subdirectory name")
+    server.add_argument("--max-loras", type=int, default=4, help="adapter slots: distinct adapters per batch")
+    server.add_argument("--max-lora-rank", type=int, default=16)
+    server.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory")
+    server.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    server.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    server.add_argument("--max-concurrent-requests", type=int, default=256,
+                        help="requests queued or running before new ones get 503")
+    server.add_argument("--served-model-name", help="the base model's name in the OpenAI API")
+    server.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    server.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo(new_tokens=args.new_tokens, seed=args.seed)
+    if args.command == "serve":
+        return serve(args)
     return 2
 
 

@@ -51,6 +51,10 @@ class KernelInputError(MultiLoRAError, ValueError):
     """A kernel op was called with tensors of the wrong shape, dtype or device."""
 
 
+class OverloadedError(MultiLoRAError, RuntimeError):
+    """The server already holds as many requests as it may queue; the caller should retry later."""
+
+
 class RequestRejected(MultiLoRAError, ValueError):
     """A plugin's `multilora_request_received` refused the request; raise it there with the reason."""
 

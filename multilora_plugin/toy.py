@@ -39,6 +39,13 @@ _WORDS = (
 ).split()
 
 
+# "<s> user : hi </s> assistant :" for [{"role": "user", "content": "hi"}] and a generation prompt
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {{ eos_token }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
 def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 128,
                 num_heads: int = 4, intermediate_size: Optional[int] = None, initializer_range: float = 0.1):
     """A transformers config for a tiny decoder-only model of architecture `arch`."""
@@ -91,8 +98,10 @@ def tiny_tokenizer(vocab_size: int = 128):
     vocab = {w: i for i, w in enumerate(words[:vocab_size])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>", padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>", padding_side="left")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8, lora_alpha: float = 16,

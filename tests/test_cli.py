@@ -10,8 +10,10 @@ from multilora_plugin import MultiLoRAModel, cli
 def test_demo_matches_peft(capsys):
     assert cli.main(["demo", "--new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert out.count("  matches PEFT") == len(cli.DEMO_ROWS) + 10  # the batch, then 10 engine requests
+    # the batch, then 10 engine requests, then 12 HTTP requests (6 TGI, 6 OpenAI)
+    assert out.count("  matches PEFT") == len(cli.DEMO_ROWS) + 10 + 12
     assert "continuous batching: 10 requests over 4 adapters + base, max_loras=2" in out
+    assert out.count("  TGI    adapter=") == 6 and out.count("  OpenAI adapter=") == 6
     assert "every output matches PEFT" in out
     for name in cli.DEMO_ADAPTERS:
         assert f"loaded adapter {name!r}" in out
@@ -30,6 +32,43 @@ def test_demo_reports_a_mismatch(monkeypatch, capsys):
     adapter_rows = sum(name is not None for name, _ in cli.DEMO_ROWS)
     assert out.count("DIFFERS FROM PEFT") == adapter_rows
     assert f"{adapter_rows} output(s) differ from PEFT" in out
+
+
+def test_serve_a_model_directory(monkeypatch, tmp_path):
+    """`multilora serve --model DIR --adapter NAME=PATH` loads both from disk and serves them; the
+    app uvicorn would run is started here on a free port and asked for one completion per model."""
+    import httpx
+    import uvicorn
+
+    from multilora_plugin import toy
+
+    base = toy.tiny_model("llama", vocab_size=128)
+    base.save_pretrained(tmp_path / "model")
+    toy.tiny_tokenizer(128).save_pretrained(tmp_path / "model")
+    adapter = toy.make_adapter(base, tmp_path / "sql", r=4)
+    answers = {}
+
+    def run(app, host, port, log_level):
+        answers["bind"] = (host, port)
+        with cli.running_server(app) as url:
+            for model in ("sql", "tiny"):
+                body = {"model": model, "prompt": "the water at night", "max_tokens": 4, "temperature": 0}
+                answers[model] = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
+            answers["models"] = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    args = ["serve", "--model", str(tmp_path / "model"), "--adapter", f"sql={adapter}", "--max-loras", "2",
+            "--served-model-name", "tiny", "--port", "8123"]
+    assert cli.main(args) == 0
+    assert answers["bind"] == ("127.0.0.1", 8123)
+    assert answers["models"] == ["tiny", "sql"]
+    assert answers["sql"] and answers["tiny"] and answers["sql"] != answers["tiny"]
+
+
+def test_serve_refuses_a_bad_adapter_argument(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--adapter", "no-equals-sign"])
+    assert "expected NAME=PATH" in capsys.readouterr().err
 
 
 def test_a_command_is_required():

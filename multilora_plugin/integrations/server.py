@@ -1,0 +1,459 @@
+"""The HTTP server: TGI- and OpenAI-compatible routes over one engine (FastAPI).
+
+    app = create_app(engine)            # engine = multilora_plugin.Engine(wrap(model), tokenizer)
+    uvicorn.run(app, port=8000)         # or: multilora serve --model PATH --adapter NAME=PATH ...
+
+Routes
+    TGI / LoRAX   POST /generate, POST /generate_stream (server-sent events), POST / (either, by
+                  `stream`), GET /info, GET /health; `parameters.adapter_id` picks the adapter
+    OpenAI        GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true`:
+                  server-sent events ending in `[DONE]`), POST /v1/load_lora_adapter,
+                  POST /v1/unload_lora_adapter; `model` names the adapter or the base model
+    Prometheus    GET /metrics
+
+Errors come in each API's own format (TGI: `{"error", "error_type"}`; OpenAI: `{"error": {"message",
+"type", "param", "code"}}`) with the status of their kind: 400 bad parameters or adapter files,
+404 unknown adapter, 422 a body that does not match the schema, 503 when `max_concurrent_requests`
+requests are already held. A client that goes away aborts its request: its queue entry, slot
+reference and KV rows are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .. import __version__
+from ..engine import Engine, RequestOutput
+from ..errors import (
+    AdapterExistsError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ConfigError,
+    IncompatibleAdapterError,
+    InvalidRequestError,
+    MultiLoRAError,
+    OverloadedError,
+    RequestRejected,
+)
+from ..sampling import SamplingParams
+from ..wrap import BASE_MODEL
+from . import protocol
+from .async_engine import AsyncEngine, RequestStream
+from .metrics import EngineMetrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRARequest,
+    TGIRequest,
+    Tokens,
+    UnloadLoRARequest,
+)
+
+MAX_CHOICES = 64  # prompts × n of one OpenAI request
+
+_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
+                 500: "server_error", 503: "server_overloaded"}
+_TGI_TYPES = {400: "validation", 404: "not_found", 422: "validation", 500: "generation", 503: "overloaded"}
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status of an error: what the client can fix is 4xx."""
+    if isinstance(error, OverloadedError):
+        return 503
+    if isinstance(error, AdapterNotFoundError):
+        return 404
+    if isinstance(error, (InvalidRequestError, RequestRejected, AdapterExistsError, AdapterLoadError,
+                          IncompatibleAdapterError, ConfigError)):
+        return 400
+    return 500
+
+
+def error_body(path: str, status: int, message: str) -> dict:
+    """The error in the format of the API that `path` belongs to."""
+    if path.startswith("/v1/"):
+        code = "model_not_found" if status == 404 else status
+        return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": None,
+                          "code": code}}
+    return {"error": message, "error_type": _TGI_TYPES.get(status, "generation")}
+
+
+def _sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Server:
+    """The state behind one app: the engine, its async driver, metrics and the served names."""
+
+    def __init__(self, engine: Engine, *, served_model_name: Optional[str] = None,
+                 max_concurrent_requests: int = 256) -> None:
+        if not isinstance(engine, Engine):
+            raise ConfigError(f"expected a multilora_plugin Engine, but got {type(engine).__name__}")
+        self.engine = engine
+        self.model = engine.model
+        self.tokenizer = engine.tokenizer
+        self.async_engine = AsyncEngine(engine, max_concurrent_requests=max_concurrent_requests)
+        self.metrics = EngineMetrics(engine, in_flight=lambda: self.async_engine.num_requests)
+        self.tokens = Tokens(self.tokenizer)
+        self.model_name = served_model_name or _model_name(engine.model)
+
+    # requests -------------------------------------------------------------------------------------
+    def encode(self, text: str, *, special: bool = True) -> List[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this server has no tokenizer: text prompts cannot be served")
+        return self.tokenizer.encode(text, add_special_tokens=special)
+
+    def room(self, ids: Sequence[int]) -> Optional[int]:
+        """Positions left after a prompt."""
+        limit = self.engine.max_model_len
+        return None if limit is None else limit - len(ids)
+
+    def adapter_of(self, model: str) -> Optional[str]:
+        """The adapter an OpenAI `model` names (None: the base model)."""
+        return None if model in (self.model_name, BASE_MODEL) else model
+
+    async def submit(self, jobs: Sequence[Tuple[Optional[str], List[int], SamplingParams]], adapter: Optional[str],
+                     metadata: Dict[str, Any], prefix: str) -> List[RequestStream]:
+        """Queue one request per (text, ids, params); all or none."""
+        streams: List[RequestStream] = []
+        try:
+            for i, (text, ids, params) in enumerate(jobs):
+                request_id = prefix if len(jobs) == 1 else f"{prefix}-{i}"
+                streams.append(await self.async_engine.add_request(
+                    request_id, text, params, adapter, prompt_token_ids=ids, metadata=metadata))
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+    # the routes' shared parts ----------------------------------------------------------------------
+    async def finished(self, streams: List[RequestStream], request: Request) -> List[RequestOutput]:
+        """The finished output of every stream; aborts them all if the client goes away."""
+        watcher = asyncio.ensure_future(_watch_disconnect(request, streams))
+        try:
+            outputs = [None] * len(streams)
+            async for index, output in merged(streams):
+                outputs[index] = output
+            for output in outputs:
+                _raise_failure(output)
+            return outputs
+        finally:
+            watcher.cancel()
+
+    def info(self) -> dict:
+        config = self.model.config
+        first = next(self.model.parameters(), None)
+        return {
+            "model_id": self.model_name, "model_sha": None,
+            "model_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
+            "model_device_type": first.device.type if first is not None else None,
+            "model_pipeline_tag": "text-generation", "max_concurrent_requests": self.async_engine.max_concurrent_requests,
+            "max_best_of": 1, "max_stop_sequences": protocol.MAX_STOP_SEQUENCES,
+            "max_input_tokens": (self.engine.max_model_len or 0) - 1 if self.engine.max_model_len else None,
+            "max_total_tokens": self.engine.max_model_len, "max_client_batch_size": MAX_CHOICES,
+            "validation_workers": 1, "router": "multilora_plugin", "version": __version__, "sha": None,
+            "docker_label": None, "max_loras": self.model.multilora_config.max_loras,
+            "max_lora_rank": self.model.multilora_config.max_lora_rank,
+            "adapters": sorted(self.model.adapter_cache.names()), "model_type": getattr(config, "model_type", None),
+        }
+
+
+def _model_name(model) -> str:
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return name or getattr(model.config, "model_type", None) or "base"
+
+
+async def _watch_disconnect(request: Request, streams: List[RequestStream]) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        if await request.is_disconnected():
+            for stream in streams:
+                stream.abort()
+            return
+
+
+async def merged(streams: List[RequestStream]) -> AsyncIterator[Tuple[int, RequestOutput]]:
+    """(index, output) from several streams as they come; leaving early aborts them all."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+def _raise_failure(output: RequestOutput) -> None:
+    """A request that ended in error raises it (typed errors keep their status)."""
+    if output.outputs[0].finish_reason != "error":
+        return
+    error = output.error
+    if isinstance(error, MultiLoRAError):
+        raise error
+    raise GenerationFailed(f"request {output.request_id} failed: {type(error).__name__}: {error}")
+
+
+class GenerationFailed(MultiLoRAError, RuntimeError):
+    """The model failed while generating a request (HTTP 500)."""
+
+
+def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
+               max_concurrent_requests: int = 256) -> FastAPI:
+    """A FastAPI app serving `engine` (see the module docstring). The engine's step loop starts with
+    the app and stops with it; `app.state.server` is the `Server`."""
+    server = Server(engine, served_model_name=served_model_name, max_concurrent_requests=max_concurrent_requests)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.async_engine.start()
+        try:
+            yield
+        finally:
+            await server.async_engine.stop()
+
+    app = FastAPI(title="multilora_plugin", version=__version__, lifespan=lifespan,
+                  description="Many LoRA adapters on one model: TGI- and OpenAI-compatible routes.")
+    app.state.server = server
+
+    @app.exception_handler(MultiLoRAError)
+    async def on_error(request: Request, exc: MultiLoRAError) -> JSONResponse:
+        status = status_of(exc)
+        return JSONResponse(error_body(request.url.path, status, str(exc)), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse(error_body(request.url.path, 422, f"invalid request body: {problems}"), status_code=422)
+
+    # TGI ------------------------------------------------------------------------------------------
+    async def tgi(body: TGIRequest, request: Request, stream: bool, as_list: bool = False) -> Response:
+        p = body.parameters
+        ids = server.encode(body.inputs)
+        if p.truncate is not None:
+            ids = ids[-p.truncate:]
+        params = protocol.tgi_sampling(p, server.room(ids))
+        streams = await server.submit([(body.inputs, ids, params)], p.adapter_id,
+                                      {"api": "tgi", "route": request.url.path}, f"tgi-{uuid.uuid4().hex}")
+        if not stream:
+            (output,) = await server.finished(streams, request)
+            answer = protocol.tgi_response(output, params, p, server.tokens)
+            return JSONResponse([answer] if as_list else answer)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for _, output in merged(streams):
+                    _raise_failure(output)
+                    for event in protocol.tgi_stream_events(output, params, p, server.tokens):
+                        yield _sse(event)
+            except MultiLoRAError as exc:
+                yield _sse(error_body(request.url.path, status_of(exc), str(exc)))
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/generate", tags=["TGI"])
+    async def generate(body: TGIRequest, request: Request) -> Response:
+        """Generate text (TGI). `parameters.adapter_id` names the adapter."""
+        return await tgi(body, request, stream=False)
+
+    @app.post("/generate_stream", tags=["TGI"])
+    async def generate_stream(body: TGIRequest, request: Request) -> Response:
+        """Generate text as server-sent events, one per token (TGI)."""
+        return await tgi(body, request, stream=True)
+
+    @app.post("/", tags=["TGI"])
+    async def compat_generate(body: TGIRequest, request: Request) -> Response:
+        """TGI's compatibility route (used by `huggingface_hub.InferenceClient`): `stream` chooses."""
+        return await tgi(body, request, stream=body.stream, as_list=True)
+
+    @app.get("/info", tags=["TGI"])
+    async def info() -> dict:
+        return server.info()
+
+    @app.get("/health", tags=["TGI"])
+    async def health() -> Response:
+        if server.async_engine.running:
+            return Response(status_code=200)
+        return JSONResponse(error_body("/health", 503, "the engine's step loop is not running"), status_code=503)
+
+    # OpenAI ---------------------------------------------------------------------------------------
+    @app.get("/v1/models", tags=["OpenAI"])
+    async def models() -> dict:
+        created = protocol.now()
+        cards = [{"id": server.model_name, "object": "model", "created": created, "owned_by": "multilora_plugin",
+                  "root": server.model_name, "parent": None}]
+        cache = server.model.adapter_cache
+        for name in sorted(cache.names()):
+            cards.append({"id": name, "object": "model", "created": created, "owned_by": "multilora_plugin",
+                          "root": cache.source(name).path, "parent": server.model_name})
+        return {"object": "list", "data": cards}
+
+    async def openai(body, request: Request, jobs, kind: str) -> Response:
+        """Shared by completions and chat completions: `jobs` are (text, ids, params), one per choice."""
+        if len(jobs) > MAX_CHOICES:
+            raise InvalidRequestError(f"one request may ask for at most {MAX_CHOICES} choices (prompts × n), "
+                                      f"but this one asks for {len(jobs)}")
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        metadata = {"api": "openai", "route": request.url.path, "user": body.user}
+        streams = await server.submit(jobs, server.adapter_of(body.model), metadata, request_id)
+        created, echo = protocol.now(), getattr(body, "echo", False)
+        k = (body.top_logprobs or 0) if kind == "chat" else (body.logprobs or 0)
+        if not body.stream:
+            outputs = await server.finished(streams, request)
+            choices = [_choice(kind, i, out, server.tokens, k, echo) for i, out in enumerate(outputs)]
+            prompt_tokens = sum(len(out.prompt_token_ids) for out in outputs[::body.n])
+            completion_tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
+            return JSONResponse({"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+                                 "created": created, "model": body.model, "choices": choices,
+                                 "usage": protocol.usage(prompt_tokens, completion_tokens)})
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        async def events() -> AsyncIterator[str]:
+            started, counts = set(), {}
+            prompt_tokens = 0
+            try:
+                async for index, output in merged(streams):
+                    _raise_failure(output)
+                    choice = _delta(kind, index, output, server.tokens, k, echo and index not in started,
+                                    first=index not in started)
+                    if index not in started:
+                        started.add(index)
+                        prompt_tokens += len(output.prompt_token_ids) if index % body.n == 0 else 0
+                    counts[index] = len(output.outputs[0].token_ids)
+                    chunk = {"id": request_id, "object": obj, "created": created, "model": body.model,
+                             "choices": [choice]}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield _sse(chunk)
+                if include_usage:
+                    yield _sse({"id": request_id, "object": obj, "created": created, "model": body.model,
+                                "choices": [], "usage": protocol.usage(prompt_tokens, sum(counts.values()))})
+            except MultiLoRAError as exc:
+                yield _sse(error_body(request.url.path, status_of(exc), str(exc)))
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions", tags=["OpenAI"])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Text completions; `model` is an adapter name or the base model's."""
+        prompts = body.prompts()
+        jobs = []
+        for prompt in prompts:
+            text, ids = (prompt, server.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+            params = body.params(server.room(ids))
+            jobs += [(text, ids, _nth(params, i)) for i in range(body.n)]
+        return await openai(body, request, jobs, "completion")
+
+    @app.post("/v1/chat/completions", tags=["OpenAI"])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completions with the tokenizer's chat template; `model` as for completions."""
+        text = _chat_prompt(server.tokenizer, body.conversation())
+        ids = server.encode(text, special=False)
+        params = body.params(server.room(ids))
+        return await openai(body, request, [(text, ids, _nth(params, i)) for i in range(body.n)], "chat")
+
+    @app.post("/v1/load_lora_adapter", tags=["OpenAI"])
+    async def load_lora_adapter(body: LoadLoRARequest) -> Response:
+        """Load a PEFT adapter directory (as vLLM does); it can be used as `model` right away."""
+        await server.async_engine.call(server.model.load_adapter, body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", tags=["OpenAI"])
+    async def unload_lora_adapter(body: UnloadLoRARequest) -> Response:
+        """Forget an adapter; requests already running with it finish first."""
+        await server.async_engine.call(server.model.unload_adapter, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # Prometheus -----------------------------------------------------------------------------------
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics() -> Response:
+        return Response(await server.async_engine.call(server.metrics.render), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _nth(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of `n` choices: its own seed, so seeded choices differ from each other."""
+    if i == 0 or params.seed is None:
+        return params
+    import dataclasses
+
+    return dataclasses.replace(params, seed=(params.seed + i) % 2**64)
+
+
+def _chat_prompt(tokenizer, conversation: List[dict]) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this server's tokenizer has no chat template; use /v1/completions")
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - the template refuses these messages (e.g. raise_exception)
+        raise InvalidRequestError(f"the chat template cannot render these messages: {exc}") from None
+
+
+def _choice(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int, echo: bool) -> dict:
+    completion = output.outputs[0]
+    reason = protocol.openai_finish_reason(completion)
+    if kind == "chat":
+        return {"index": index, "message": {"role": "assistant", "content": completion.text},
+                "logprobs": protocol.chat_logprobs(completion, 0, tokens, k), "finish_reason": reason}
+    prefix = (output.prompt or (tokens.tokenizer.decode(output.prompt_token_ids) if tokens.tokenizer else "")) \
+        if echo else ""
+    return {"index": index, "text": prefix + completion.text,
+            "logprobs": protocol.completion_logprobs(completion, output.prompt_token_ids, 0, tokens, len(prefix), k),
+            "finish_reason": reason}
+
+
+def _delta(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int, echo: bool, first: bool) -> dict:
+    completion = output.outputs[0]
+    start = len(completion.token_ids) - len(completion.delta_token_ids)
+    reason = protocol.openai_finish_reason(completion)
+    if kind == "chat":
+        delta: Dict[str, Any] = {"role": "assistant"} if first else {}
+        if completion.delta_text or first:
+            delta["content"] = completion.delta_text
+        return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(completion, start, tokens, k),
+                "finish_reason": reason}
+    prefix = (output.prompt or "") if echo else ""
+    return {"index": index, "text": prefix + completion.delta_text,
+            "logprobs": protocol.completion_logprobs(completion, output.prompt_token_ids + completion.token_ids[:start],
+                                                     start, tokens, 0, k),
+            "finish_reason": reason}
+
+
+__all__ = ["create_app", "Server", "status_of", "error_body", "GenerationFailed"]
