@@ -36,3 +36,8 @@ def test_bench_engine_quick():
     assert "| n | adapters used | engine tok/s |" in done.stdout
     assert "| 4 | engine |" in done.stdout and "| 4 | peft |" in done.stdout
     assert "engine tokens vs PEFT over 16 requests: identical" in done.stdout
+
+
+def test_bench_server_quick(capsys):
+    assert load("bench_server").main(["--quick"]) == 0
+    assert "streamed text equal to direct: 24/24" in capsys.readouterr().out
