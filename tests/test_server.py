@@ -210,6 +210,9 @@ def test_openai_several_prompts_n_and_logprobs(served):
     ids = served.tokenizer.encode(PROMPTS[3])
     out = client.completions.create(model="sql", prompt=[ids], max_tokens=5, temperature=0, echo=True)
     assert out.choices[0].text == served.tokenizer.decode(ids) + served.offline("sql", ids, 5)[1]
+    chunks = list(client.completions.create(model="sql", prompt=[ids], max_tokens=5, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text  # a stream echoes the same
     out = client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=5, n=3, temperature=1.0, seed=3)
     assert len(out.choices) == 3 and 3 <= out.usage.completion_tokens <= 15
     assert len({c.text for c in out.choices}) > 1  # each choice has its own seed

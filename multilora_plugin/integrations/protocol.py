@@ -78,10 +78,11 @@ class TGIRequest(BaseModel):
     stream: bool = False
 
 
-def tgi_sampling(p: TGIParameters, room: Optional[int]) -> SamplingParams:
+def tgi_sampling(p: TGIParameters, room: Optional[int], token_details: bool) -> SamplingParams:
     """TGI's parameters as SamplingParams. As in TGI, setting a temperature, top_k or top_p other
     than the neutral value means sampling even without `do_sample`; sampling without a seed draws
-    one (reported in `details.seed`). `room`: positions left after the prompt (None: unbounded)."""
+    one (reported in `details.seed`). `room`: positions left after the prompt (None: unbounded);
+    `token_details`: the answer reports each token (a stream, or `details`), so logprobs are needed."""
     sampling = p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None \
         or p.top_p not in (None, 1.0)
     max_new = p.max_new_tokens
@@ -91,7 +92,7 @@ def tgi_sampling(p: TGIParameters, room: Optional[int]) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_new, temperature=(p.temperature or 1.0) if sampling else 0.0,
         top_k=p.top_k or 0, top_p=p.top_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
-        seed=seed, stop=_stops(p.stop), logprobs=p.top_n_tokens or 0,
+        seed=seed, stop=_stops(p.stop), logprobs=(p.top_n_tokens or 0) if token_details else None,
     )
 
 
@@ -135,10 +136,7 @@ class Tokens:
 
 def tgi_response(output: RequestOutput, params: SamplingParams, body: TGIParameters, tokens: Tokens) -> dict:
     completion = output.outputs[0]
-    text = completion.text
-    if body.return_full_text:
-        text = (output.prompt or "") + text
-    answer: Dict[str, Any] = {"generated_text": text}
+    answer: Dict[str, Any] = {"generated_text": _tgi_text(output, body)}
     if body.details:
         logprobs = completion.logprobs or [None] * len(completion.token_ids)
         answer["details"] = {
@@ -152,6 +150,12 @@ def tgi_response(output: RequestOutput, params: SamplingParams, body: TGIParamet
             if body.top_n_tokens else None,
         }
     return answer
+
+
+def _tgi_text(output: RequestOutput, body: TGIParameters) -> str:
+    """`generated_text`: the output, after the prompt with `return_full_text`."""
+    text = output.outputs[0].text
+    return (output.prompt or "") + text if body.return_full_text else text
 
 
 def top(entry: Optional[Dict[int, float]], k: int) -> List[tuple]:
@@ -184,10 +188,7 @@ def tgi_stream_events(output: RequestOutput, params: SamplingParams, body: TGIPa
         }
         events.append(event)
     if completion.finished and events:
-        text = completion.text
-        if body.return_full_text:
-            text = (output.prompt or "") + text
-        events[-1]["generated_text"] = text
+        events[-1]["generated_text"] = _tgi_text(output, body)
         events[-1]["details"] = {
             "finish_reason": tgi_finish_reason(completion), "generated_tokens": len(completion.token_ids),
             "seed": params.seed if not params.greedy else None, "input_length": len(output.prompt_token_ids),

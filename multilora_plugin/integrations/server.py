@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-import os
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -153,14 +153,14 @@ class Server:
     def info(self) -> dict:
         config = self.model.config
         first = next(self.model.parameters(), None)
+        limit = self.engine.max_model_len
         return {
             "model_id": self.model_name, "model_sha": None,
             "model_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
             "model_device_type": first.device.type if first is not None else None,
             "model_pipeline_tag": "text-generation", "max_concurrent_requests": self.async_engine.max_concurrent_requests,
             "max_best_of": 1, "max_stop_sequences": protocol.MAX_STOP_SEQUENCES,
-            "max_input_tokens": (self.engine.max_model_len or 0) - 1 if self.engine.max_model_len else None,
-            "max_total_tokens": self.engine.max_model_len, "max_client_batch_size": MAX_CHOICES,
+            "max_input_tokens": limit - 1 if limit else None, "max_total_tokens": limit, "max_client_batch_size": MAX_CHOICES,
             "validation_workers": 1, "router": "multilora_plugin", "version": __version__, "sha": None,
             "docker_label": None, "max_loras": self.model.multilora_config.max_loras,
             "max_lora_rank": self.model.multilora_config.max_lora_rank,
@@ -265,7 +265,7 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
         ids = server.encode(body.inputs)
         if p.truncate is not None:
             ids = ids[-p.truncate:]
-        params = protocol.tgi_sampling(p, server.room(ids))
+        params = protocol.tgi_sampling(p, server.room(ids), token_details=stream or p.details)
         streams = await server.submit([(body.inputs, ids, params)], p.adapter_id,
                                       {"api": "tgi", "route": request.url.path}, f"tgi-{uuid.uuid4().hex}")
         if not stream:
@@ -412,8 +412,6 @@ def _nth(params: SamplingParams, i: int) -> SamplingParams:
     """The i-th of `n` choices: its own seed, so seeded choices differ from each other."""
     if i == 0 or params.seed is None:
         return params
-    import dataclasses
-
     return dataclasses.replace(params, seed=(params.seed + i) % 2**64)
 
 
@@ -426,14 +424,20 @@ def _chat_prompt(tokenizer, conversation: List[dict]) -> str:
         raise InvalidRequestError(f"the chat template cannot render these messages: {exc}") from None
 
 
+def _echo(output: RequestOutput, tokens: Tokens) -> str:
+    """The prompt as `echo` repeats it: its text, or its ids decoded."""
+    if output.prompt is not None or tokens.tokenizer is None:
+        return output.prompt or ""
+    return tokens.tokenizer.decode(output.prompt_token_ids)
+
+
 def _choice(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int, echo: bool) -> dict:
     completion = output.outputs[0]
     reason = protocol.openai_finish_reason(completion)
     if kind == "chat":
         return {"index": index, "message": {"role": "assistant", "content": completion.text},
                 "logprobs": protocol.chat_logprobs(completion, 0, tokens, k), "finish_reason": reason}
-    prefix = (output.prompt or (tokens.tokenizer.decode(output.prompt_token_ids) if tokens.tokenizer else "")) \
-        if echo else ""
+    prefix = _echo(output, tokens) if echo else ""
     return {"index": index, "text": prefix + completion.text,
             "logprobs": protocol.completion_logprobs(completion, output.prompt_token_ids, 0, tokens, len(prefix), k),
             "finish_reason": reason}
@@ -449,7 +453,7 @@ def _delta(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int,
             delta["content"] = completion.delta_text
         return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(completion, start, tokens, k),
                 "finish_reason": reason}
-    prefix = (output.prompt or "") if echo else ""
+    prefix = _echo(output, tokens) if echo else ""
     return {"index": index, "text": prefix + completion.delta_text,
             "logprobs": protocol.completion_logprobs(completion, output.prompt_token_ids + completion.token_ids[:start],
                                                      start, tokens, 0, k),
