@@ -197,6 +197,12 @@ class MultiLoRAModel(nn.Module):
         """Forget an adapter: its slot and its CPU copy are freed (once no running batch uses it)."""
         self._cache.unregister(name)
 
+    def evict_adapter(self, name: str) -> bool:
+        """Free an adapter's memory (slot and CPU copy) but keep it registered; it is read from
+        disk again when next used. False (nothing changes) while a running batch uses it or it is
+        pinned."""
+        return self._cache.evict(name)
+
     def prefetch(self, names: Sequence[str]) -> dict:
         """Read adapters disk → CPU in the background; returns {name: concurrent.futures.Future}."""
         return self._cache.prefetch(names)

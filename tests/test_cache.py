@@ -98,6 +98,8 @@ def apply(cache: AdapterCache, op: str, arg):
         cache.unpin(arg)
     elif op == "unload":
         cache.unregister(arg)
+    elif op == "evict":
+        assert cache.evict(arg[0]) is arg[1]
     elif op == "prefetch":
         for future in cache.prefetch(arg).values():
             future.result()
@@ -142,6 +144,16 @@ SCENARIOS = {
         ("use", ["a", "b"], ("a", "b"), ["a", "b"]),
         ("unload", "a", (E, "b"), ["b"]),
         ("use", ["c"], ("c", "b"), ["b", "c"]),
+    ]),
+    "evict frees both tiers but keeps the adapter registered": (2, 3, [
+        ("use", ["a"], ("a", E), ["a"]),
+        ("use", ["b"], ("a", "b"), ["a", "b"]),
+        ("evict", ("a", True), (E, "b"), ["b"]),
+        ("hold", ["b"], (E, "b"), ["b"]),
+        ("evict", ("b", False), (E, "b"), ["b"]),  # refused while a batch holds it
+        ("release", ["b"], (E, "b"), ["b"]),
+        ("evict", ("b", True), (E, E), []),
+        ("use", ["a"], ("a", E), ["a"]),  # read from disk again
     ]),
     "unload while in use waits for the release": (2, 3, [
         ("hold", ["a"], ("a", E), ["a"]),
@@ -332,7 +344,7 @@ def test_concurrent_users_read_once_per_residency():
 
 
 class CacheMachine(RuleBasedStateMachine):
-    """Random register / use / hold / release / pin / unpin / unload / replace / prefetch sequences."""
+    """Random register / use / hold / release / pin / unpin / unload / evict / replace / prefetch sequences."""
 
     NAMES = ["a", "b", "c", "d", "e", "f"]
 
@@ -407,6 +419,15 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache.unregister(name)
         del self.registered[name]
         self.pinned.pop(name, None)
+
+    @precondition(lambda self: self.registered)
+    @rule(data=st.data())
+    def evict(self, data):
+        name = data.draw(st.sampled_from(sorted(self.registered)))
+        busy = name in self.pinned or any(name in names for names in self.held)
+        assert self.cache.evict(name) is not busy
+        if not busy:
+            assert name not in self.cache.contents() and name not in self.cache.cpu_names()
 
     @precondition(lambda self: self.registered)
     @rule(data=st.data())

@@ -190,6 +190,26 @@ class AdapterCache:
                 self._note(entry, old)
         self._dispatch()
 
+    def evict(self, name: str) -> bool:
+        """Drop an adapter's weights from memory (its slot and its CPU copy) now; it stays
+        registered (COLD) and is read again when next needed. Refused (False) while a running
+        batch holds it or it is pinned."""
+        with self._lock:
+            entry = self._known(name)
+            if entry.refs > 0 or entry.pinned:
+                return False
+            old = self._state(entry)
+            slot = self._slots.release(name)
+            if slot is not None:
+                self._dirty[slot] = None
+                self._counters.gpu_evictions += 1
+            if self._cpu.pop(name, None) is not None:
+                self._counters.cpu_evictions += 1
+            entry.weights = None
+            self._note(entry, old)
+        self._dispatch()
+        return True
+
     def source(self, name: str) -> AdapterSource:
         with self._lock:
             return self._known(name).source
