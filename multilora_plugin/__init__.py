@@ -24,6 +24,7 @@ from .errors import (
     OverloadedError,
     PluginError,
     RequestRejected,
+    UnavailableError,
     WrapError,
 )
 from .hooks import hookimpl
@@ -68,6 +69,7 @@ __all__ = [
     "SamplingParams",
     "SchedulerConfig",
     "StepStats",
+    "UnavailableError",
     "WrapError",
     "hookimpl",
     "wrap",

@@ -55,6 +55,10 @@ class OverloadedError(MultiLoRAError, RuntimeError):
     """The server already holds as many requests as it may queue; the caller should retry later."""
 
 
+class UnavailableError(MultiLoRAError, RuntimeError):
+    """The part that was serving a request stopped (a Ray Serve replica died); the caller may retry."""
+
+
 class RequestRejected(MultiLoRAError, ValueError):
     """A plugin's `multilora_request_received` refused the request; raise it there with the reason."""
 

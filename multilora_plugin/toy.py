@@ -123,6 +123,32 @@ def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8,
     return os.fspath(path)
 
 
+# The demo's base model and adapters (`multilora demo`, `multilora serve` without --model): different
+# ranks, alphas, target sets and scaling rules.
+DEMO_ADAPTERS = {
+    "sql": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=1),
+    "chat": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=2),
+    "poem": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True, seed=3),
+    "code": dict(r=2, lora_alpha=4, target_modules=["o_proj"], seed=4),
+}
+DEMO_VOCAB = 256
+
+
+def demo_model(seed: int = 0) -> nn.Module:
+    """The demo's tiny Llama (the same weights for the same seed, in any process)."""
+    return tiny_model("llama", seed=seed, hidden_size=64, num_layers=2, vocab_size=DEMO_VOCAB)
+
+
+def demo_tokenizer():
+    return tiny_tokenizer(DEMO_VOCAB)
+
+
+def demo_adapters(model: nn.Module, root: Union[str, os.PathLike]) -> dict:
+    """Write the demo's adapters for `model` under `root`; returns {name: path}."""
+    return {name: make_adapter(model, os.path.join(os.fspath(root), name), **spec)
+            for name, spec in DEMO_ADAPTERS.items()}
+
+
 def make_adapters(model: nn.Module, root: Union[str, os.PathLike], names: Sequence[str], *, r: int = 4,
                   lora_alpha: float = 8, target_modules: Union[str, Sequence[str]] = "all-linear",
                   seed: int = 0) -> dict:

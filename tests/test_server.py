@@ -78,7 +78,7 @@ class Served:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             server = self.app_server
-            if (self.engine.get_num_unfinished_requests() == 0 and server.async_engine.num_requests == 0
+            if (self.engine.get_num_unfinished_requests() == 0 and server.backend.async_engine.num_requests == 0
                     and self.engine.cache.stats().in_use == 0):
                 return True
             time.sleep(0.05)
@@ -391,14 +391,14 @@ def test_queue_full_is_503(served):
                 http.stream("POST", url + "/v1/completions", json=long) as two:
             lines = [one.iter_lines(), two.iter_lines()]  # (a dropped line iterator closes its response)
             assert all(next(it).startswith("data:") for it in lines)
-            assert app.state.server.async_engine.num_requests == 2
+            assert app.state.server.backend.async_engine.num_requests == 2
             r = http.post(url + "/generate", json={"inputs": "hi"})
             assert r.status_code == 503 and r.json()["error_type"] == "overloaded"
             r = http.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi"})
             assert r.status_code == 503 and r.json()["error"]["type"] == "server_overloaded"
-        assert app.state.server.async_engine.running
+        assert app.state.server.backend.async_engine.running
     # stopping the server stops its step loop and ends what was left
-    assert not app.state.server.async_engine.running
+    assert not app.state.server.backend.async_engine.running
     assert engine.get_num_unfinished_requests() == 0
     engine.close()
 

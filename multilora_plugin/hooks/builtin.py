@@ -30,7 +30,7 @@ class AdapterDirectory:
             raise ConfigError(f"`adapter_dir` should be a directory of PEFT adapter directories, but {self.root!r} "
                               "is not a directory")
 
-    def _path(self, name: str) -> Optional[str]:
+    def path_of(self, name: str) -> Optional[str]:
         if not name or name in (".", "..") or any(sep and sep in name for sep in ("/", os.sep, os.altsep)):
             return None  # never leave the root
         path = os.path.join(self.root, name)
@@ -39,7 +39,7 @@ class AdapterDirectory:
     @hookimpl
     def multilora_register_adapters(self, registry) -> None:
         for name in sorted(os.listdir(self.root)):
-            path = self._path(name)
+            path = self.path_of(name)
             if path is None or name in registry:
                 continue
             try:
@@ -49,7 +49,7 @@ class AdapterDirectory:
 
     @hookimpl
     def multilora_resolve_adapter(self, name: str) -> Optional[str]:
-        return self._path(name)
+        return self.path_of(name)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

@@ -3,6 +3,9 @@
     app = create_app(engine)            # engine = multilora_plugin.Engine(wrap(model), tokenizer)
     uvicorn.run(app, port=8000)         # or: multilora serve --model PATH --adapter NAME=PATH ...
 
+The routes reach the engine through a backend: `EngineBackend` for an engine in this process;
+`integrations.ray_serve` serves the same app over engine replicas on Ray Serve.
+
 Routes
     TGI / LoRAX   POST /generate, POST /generate_stream (server-sent events), POST / (either, by
                   `stream`), GET /info, GET /health; `parameters.adapter_id` picks the adapter
@@ -44,6 +47,7 @@ from ..errors import (
     MultiLoRAError,
     OverloadedError,
     RequestRejected,
+    UnavailableError,
 )
 from ..sampling import SamplingParams
 from ..wrap import BASE_MODEL
@@ -68,7 +72,7 @@ _TGI_TYPES = {400: "validation", 404: "not_found", 422: "validation", 500: "gene
 
 def status_of(error: BaseException) -> int:
     """The HTTP status of an error: what the client can fix is 4xx."""
-    if isinstance(error, OverloadedError):
+    if isinstance(error, (OverloadedError, UnavailableError)):
         return 503
     if isinstance(error, AdapterNotFoundError):
         return 404
@@ -91,20 +95,67 @@ def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-class Server:
-    """The state behind one app: the engine, its async driver, metrics and the served names."""
+class EngineBackend:
+    """The routes' view of one engine in this process (`integrations.ray_serve` has another: replicas
+    behind Ray Serve). A backend queues requests and returns their streams, names and loads adapters,
+    and describes the model."""
 
-    def __init__(self, engine: Engine, *, served_model_name: Optional[str] = None,
-                 max_concurrent_requests: int = 256) -> None:
+    def __init__(self, engine: Engine, *, max_concurrent_requests: int = 256) -> None:
         if not isinstance(engine, Engine):
             raise ConfigError(f"expected a multilora_plugin Engine, but got {type(engine).__name__}")
         self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
         self.async_engine = AsyncEngine(engine, max_concurrent_requests=max_concurrent_requests)
+        self.max_concurrent_requests = max_concurrent_requests
         self.metrics = EngineMetrics(engine, in_flight=lambda: self.async_engine.num_requests)
+        self.default_model_name = _model_name(engine.model)
+
+    async def start(self) -> None:
+        self.async_engine.start()
+
+    async def stop(self) -> None:
+        await self.async_engine.stop()
+
+    async def unhealthy(self) -> Optional[str]:
+        """Why the backend cannot serve now, or None."""
+        return None if self.async_engine.running else "the engine's step loop is not running"
+
+    async def submit(self, request_id: str, text: Optional[str], ids: List[int], params: SamplingParams,
+                     adapter: Optional[str], metadata: Dict[str, Any], stream: bool = True) -> RequestStream:
+        """Queue one request; raises the engine's typed errors before returning its stream (which,
+        with `stream=False`, need only deliver the finished output)."""
+        return await self.async_engine.add_request(request_id, text, params, adapter, prompt_token_ids=ids,
+                                                   metadata=metadata)
+
+    def adapters(self) -> Dict[str, str]:
+        """Adapter name → its directory, for every adapter that can be named."""
+        cache = self.model.adapter_cache
+        return {name: cache.source(name).path for name in cache.names()}
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self.async_engine.call(self.model.load_adapter, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.async_engine.call(self.model.unload_adapter, name)
+
+    def describe(self) -> dict:
+        return describe_model(self.model)
+
+    async def render_metrics(self) -> bytes:
+        return await self.async_engine.call(self.metrics.render)
+
+
+class Server:
+    """The state behind one app: a backend (an engine here, or replicas elsewhere), the tokenizer
+    and the served names."""
+
+    def __init__(self, backend, *, served_model_name: Optional[str] = None) -> None:
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
         self.tokens = Tokens(self.tokenizer)
-        self.model_name = served_model_name or _model_name(engine.model)
+        self.model_name = served_model_name or backend.default_model_name
 
     # requests -------------------------------------------------------------------------------------
     def encode(self, text: str, *, special: bool = True) -> List[int]:
@@ -114,7 +165,7 @@ class Server:
 
     def room(self, ids: Sequence[int]) -> Optional[int]:
         """Positions left after a prompt."""
-        limit = self.engine.max_model_len
+        limit = self.backend.max_model_len
         return None if limit is None else limit - len(ids)
 
     def adapter_of(self, model: str) -> Optional[str]:
@@ -122,14 +173,14 @@ class Server:
         return None if model in (self.model_name, BASE_MODEL) else model
 
     async def submit(self, jobs: Sequence[Tuple[Optional[str], List[int], SamplingParams]], adapter: Optional[str],
-                     metadata: Dict[str, Any], prefix: str) -> List[RequestStream]:
-        """Queue one request per (text, ids, params); all or none."""
-        streams: List[RequestStream] = []
+                     metadata: Dict[str, Any], prefix: str, stream: bool = True) -> list:
+        """Queue one request per (text, ids, params); all or none. `stream=False`: only the finished
+        outputs will be read."""
+        streams = []
         try:
             for i, (text, ids, params) in enumerate(jobs):
                 request_id = prefix if len(jobs) == 1 else f"{prefix}-{i}"
-                streams.append(await self.async_engine.add_request(
-                    request_id, text, params, adapter, prompt_token_ids=ids, metadata=metadata))
+                streams.append(await self.backend.submit(request_id, text, ids, params, adapter, metadata, stream))
         except BaseException:
             for stream in streams:
                 stream.abort()
@@ -137,7 +188,7 @@ class Server:
         return streams
 
     # the routes' shared parts ----------------------------------------------------------------------
-    async def finished(self, streams: List[RequestStream], request: Request) -> List[RequestOutput]:
+    async def finished(self, streams: list, request: Request) -> List[RequestOutput]:
         """The finished output of every stream; aborts them all if the client goes away."""
         watcher = asyncio.ensure_future(_watch_disconnect(request, streams))
         try:
@@ -151,21 +202,24 @@ class Server:
             watcher.cancel()
 
     def info(self) -> dict:
-        config = self.model.config
-        first = next(self.model.parameters(), None)
-        limit = self.engine.max_model_len
+        limit = self.backend.max_model_len
         return {
-            "model_id": self.model_name, "model_sha": None,
-            "model_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
-            "model_device_type": first.device.type if first is not None else None,
-            "model_pipeline_tag": "text-generation", "max_concurrent_requests": self.async_engine.max_concurrent_requests,
+            "model_id": self.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": self.backend.max_concurrent_requests,
             "max_best_of": 1, "max_stop_sequences": protocol.MAX_STOP_SEQUENCES,
             "max_input_tokens": limit - 1 if limit else None, "max_total_tokens": limit, "max_client_batch_size": MAX_CHOICES,
             "validation_workers": 1, "router": "multilora_plugin", "version": __version__, "sha": None,
-            "docker_label": None, "max_loras": self.model.multilora_config.max_loras,
-            "max_lora_rank": self.model.multilora_config.max_lora_rank,
-            "adapters": sorted(self.model.adapter_cache.names()), "model_type": getattr(config, "model_type", None),
+            "docker_label": None, "adapters": sorted(self.backend.adapters()), **self.backend.describe(),
         }
+
+
+def describe_model(model) -> dict:
+    """A wrapped model's part of TGI's /info."""
+    first = next(model.parameters(), None)
+    return {"model_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
+            "model_device_type": first.device.type if first is not None else None,
+            "max_loras": model.multilora_config.max_loras, "max_lora_rank": model.multilora_config.max_lora_rank,
+            "model_type": getattr(model.config, "model_type", None)}
 
 
 def _model_name(model) -> str:
@@ -231,19 +285,21 @@ class GenerationFailed(MultiLoRAError, RuntimeError):
     """The model failed while generating a request (HTTP 500)."""
 
 
-def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
-               max_concurrent_requests: int = 256) -> FastAPI:
-    """A FastAPI app serving `engine` (see the module docstring). The engine's step loop starts with
-    the app and stops with it; `app.state.server` is the `Server`."""
-    server = Server(engine, served_model_name=served_model_name, max_concurrent_requests=max_concurrent_requests)
+def create_app(engine, *, served_model_name: Optional[str] = None, max_concurrent_requests: int = 256) -> FastAPI:
+    """A FastAPI app serving `engine` (see the module docstring): an `Engine`, or a backend such as
+    `EngineBackend` (`max_concurrent_requests` is then the backend's own). The engine's step loop
+    starts with the app and stops with it; `app.state.server` is the `Server`."""
+    backend = EngineBackend(engine, max_concurrent_requests=max_concurrent_requests) \
+        if isinstance(engine, Engine) else engine
+    server = Server(backend, served_model_name=served_model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.async_engine.start()
+        await backend.start()
         try:
             yield
         finally:
-            await server.async_engine.stop()
+            await backend.stop()
 
     app = FastAPI(title="multilora_plugin", version=__version__, lifespan=lifespan,
                   description="Many LoRA adapters on one model: TGI- and OpenAI-compatible routes.")
@@ -267,11 +323,12 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
             ids = ids[-p.truncate:]
         params = protocol.tgi_sampling(p, server.room(ids), token_details=stream or p.details)
         streams = await server.submit([(body.inputs, ids, params)], p.adapter_id,
-                                      {"api": "tgi", "route": request.url.path}, f"tgi-{uuid.uuid4().hex}")
+                                      {"api": "tgi", "route": request.url.path}, f"tgi-{uuid.uuid4().hex}", stream)
+        headers = _headers(streams)
         if not stream:
             (output,) = await server.finished(streams, request)
             answer = protocol.tgi_response(output, params, p, server.tokens)
-            return JSONResponse([answer] if as_list else answer)
+            return JSONResponse([answer] if as_list else answer, headers=headers)
 
         async def events() -> AsyncIterator[str]:
             try:
@@ -282,7 +339,7 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
             except MultiLoRAError as exc:
                 yield _sse(error_body(request.url.path, status_of(exc), str(exc)))
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     @app.post("/generate", tags=["TGI"])
     async def generate(body: TGIRequest, request: Request) -> Response:
@@ -305,9 +362,10 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
 
     @app.get("/health", tags=["TGI"])
     async def health() -> Response:
-        if server.async_engine.running:
+        problem = await backend.unhealthy()
+        if problem is None:
             return Response(status_code=200)
-        return JSONResponse(error_body("/health", 503, "the engine's step loop is not running"), status_code=503)
+        return JSONResponse(error_body("/health", 503, problem), status_code=503)
 
     # OpenAI ---------------------------------------------------------------------------------------
     @app.get("/v1/models", tags=["OpenAI"])
@@ -315,10 +373,9 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
         created = protocol.now()
         cards = [{"id": server.model_name, "object": "model", "created": created, "owned_by": "multilora_plugin",
                   "root": server.model_name, "parent": None}]
-        cache = server.model.adapter_cache
-        for name in sorted(cache.names()):
+        for name, path in sorted(backend.adapters().items()):
             cards.append({"id": name, "object": "model", "created": created, "owned_by": "multilora_plugin",
-                          "root": cache.source(name).path, "parent": server.model_name})
+                          "root": path, "parent": server.model_name})
         return {"object": "list", "data": cards}
 
     async def openai(body, request: Request, jobs, kind: str) -> Response:
@@ -328,7 +385,8 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
                                       f"but this one asks for {len(jobs)}")
         request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         metadata = {"api": "openai", "route": request.url.path, "user": body.user}
-        streams = await server.submit(jobs, server.adapter_of(body.model), metadata, request_id)
+        streams = await server.submit(jobs, server.adapter_of(body.model), metadata, request_id, body.stream)
+        headers = _headers(streams)
         created, echo = protocol.now(), getattr(body, "echo", False)
         k = (body.top_logprobs or 0) if kind == "chat" else (body.logprobs or 0)
         if not body.stream:
@@ -338,7 +396,7 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
             completion_tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
             return JSONResponse({"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
                                  "created": created, "model": body.model, "choices": choices,
-                                 "usage": protocol.usage(prompt_tokens, completion_tokens)})
+                                 "usage": protocol.usage(prompt_tokens, completion_tokens)}, headers=headers)
 
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -367,7 +425,7 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
                 yield _sse(error_body(request.url.path, status_of(exc), str(exc)))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/completions", tags=["OpenAI"])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -391,21 +449,34 @@ def create_app(engine: Engine, *, served_model_name: Optional[str] = None,
     @app.post("/v1/load_lora_adapter", tags=["OpenAI"])
     async def load_lora_adapter(body: LoadLoRARequest) -> Response:
         """Load a PEFT adapter directory (as vLLM does); it can be used as `model` right away."""
-        await server.async_engine.call(server.model.load_adapter, body.lora_name, body.lora_path)
+        await backend.load_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", tags=["OpenAI"])
     async def unload_lora_adapter(body: UnloadLoRARequest) -> Response:
         """Forget an adapter; requests already running with it finish first."""
-        await server.async_engine.call(server.model.unload_adapter, body.lora_name)
+        await backend.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     # Prometheus -----------------------------------------------------------------------------------
     @app.get("/metrics", tags=["metrics"])
     async def metrics() -> Response:
-        return Response(await server.async_engine.call(server.metrics.render), media_type=CONTENT_TYPE_LATEST)
+        text = await backend.render_metrics()
+        if text is None:
+            return JSONResponse(error_body("/metrics", 404, backend.metrics_elsewhere), status_code=404)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _headers(streams: list) -> Dict[str, str]:
+    """Response headers a backend's streams report (Ray Serve: the replicas that serve them),
+    comma-joined over the streams of one request."""
+    joined: Dict[str, List[str]] = {}
+    for stream in streams:
+        for key, value in getattr(stream, "headers", {}).items():
+            joined.setdefault(key, []).append(value)
+    return {key: ",".join(values) for key, values in joined.items()}
 
 
 def _nth(params: SamplingParams, i: int) -> SamplingParams:
@@ -460,4 +531,4 @@ def _delta(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int,
             "finish_reason": reason}
 
 
-__all__ = ["create_app", "Server", "status_of", "error_body", "GenerationFailed"]
+__all__ = ["create_app", "EngineBackend", "Server", "status_of", "error_body", "merged", "GenerationFailed"]

@@ -1,0 +1,125 @@
+"""`EngineArgs`: everything needed to build one serving engine, as plain data.
+
+    args = EngineArgs(model="path/to/model", adapters={"sql": "path/to/sql"}, max_loras=4)
+    engine = args.build()               # load the model and tokenizer, wrap, register the adapters
+
+The single-process server builds one engine from it; each Ray Serve replica builds its own from the
+same (picklable) arguments. `add_cli_args` / `from_cli_args` are the `multilora serve` options.
+Without `model`, the engine serves the demo's tiny Llama (the same weights in every process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from ..errors import ConfigError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEMO_MODEL_NAME = "tiny-llama"
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class EngineArgs:
+    model: Optional[str] = None  # a transformers model directory or hub id; None: the demo's tiny Llama
+    tokenizer: Optional[str] = None  # default: the model's
+    adapters: Dict[str, str] = field(default_factory=dict)  # name → PEFT adapter directory
+    adapter_dir: Optional[str] = None  # every adapter under it, by subdirectory name (found on first use)
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
+    max_num_seqs: int = 64
+    max_model_len: Optional[int] = None
+    dtype: str = "auto"
+    device: Optional[str] = None  # default: cuda when available
+    served_model_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"`dtype` should be one of {DTYPES}, but got {self.dtype!r}")
+        if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and k for k in self.adapters):
+            raise ConfigError(f"`adapters` should map adapter names to directories, but got {self.adapters!r}")
+        self.adapters = {name: os.fspath(path) for name, path in self.adapters.items()}
+
+    @property
+    def model_name(self) -> str:
+        """The base model's name in the OpenAI API."""
+        return self.served_model_name or self.model or DEMO_MODEL_NAME
+
+    def build(self):
+        """Load the model and tokenizer, wrap the model, register `adapters`; returns an `Engine`."""
+        import torch
+
+        import multilora_plugin
+        from multilora_plugin import toy
+
+        if self.model is None:
+            hf_model = toy.demo_model()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
+            hf_model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype)
+            hf_model = hf_model.to(self.device or _default_device()).eval()
+        tokenizer = self.load_tokenizer()
+        model = multilora_plugin.wrap(hf_model, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                                      max_cpu_loras=self.max_cpu_loras)
+        for name, path in self.adapters.items():
+            model.register_adapter(name, path)
+        engine_args = {"max_num_seqs": self.max_num_seqs}
+        if self.max_model_len:
+            engine_args["max_model_len"] = self.max_model_len
+        return multilora_plugin.Engine(model, tokenizer, adapter_dir=self.adapter_dir, **engine_args)
+
+    def load_tokenizer(self):
+        if self.model is None:
+            from multilora_plugin import toy
+
+            return toy.demo_tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer or self.model)
+
+    # the command line --------------------------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model", help="a transformers model directory or hub id (default: the demo's tiny model)")
+        parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+        parser.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="NAME=PATH",
+                            help="a PEFT LoRA adapter directory to serve as NAME (repeatable)")
+        parser.add_argument("--adapter-dir", help="serve every PEFT adapter under this directory, by subdirectory name")
+        parser.add_argument("--max-loras", type=int, default=4, help="adapter slots: distinct adapters per batch")
+        parser.add_argument("--max-lora-rank", type=int, default=16)
+        parser.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory")
+        parser.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+        parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+        parser.add_argument("--served-model-name", help="the base model's name in the OpenAI API")
+        parser.add_argument("--dtype", default="auto", choices=DTYPES)
+        parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(model=args.model, tokenizer=args.tokenizer, adapters=dict(args.adapter),
+                   adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                   max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
+                   max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
+                   served_model_name=args.served_model_name)
+
+    def replace(self, **changes) -> "EngineArgs":
+        return dataclasses.replace(self, **changes)
+
+
+def _adapter_arg(value: str) -> tuple:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, but got {value!r}")
+    return name, path
