@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import sys
 import tempfile
 import time
@@ -22,13 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-# name → adapter settings: different ranks, alphas, target sets and scaling rules
-DEMO_ADAPTERS = {
-    "sql": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=1),
-    "chat": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=2),
-    "poem": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True, seed=3),
-    "code": dict(r=2, lora_alpha=4, target_modules=["o_proj"], seed=4),
-}
+from .toy import DEMO_ADAPTERS
+
 DEMO_ROWS = [
     ("sql", "show me the number of students in each school"),
     (None, "tell me a story about a little house"),
@@ -46,11 +42,10 @@ def run_demo(new_tokens: int = 12, seed: int = 0) -> int:
     from multilora_plugin import toy
 
     started = time.perf_counter()
-    vocab = 256
-    base = toy.tiny_model("llama", seed=seed, hidden_size=64, num_layers=2, vocab_size=vocab)
-    tokenizer = toy.tiny_tokenizer(vocab)
+    base = toy.demo_model(seed=seed)
+    tokenizer = toy.demo_tokenizer()
     with tempfile.TemporaryDirectory(prefix="multilora-demo-") as root:
-        paths = {name: toy.make_adapter(base, f"{root}/{name}", **spec) for name, spec in DEMO_ADAPTERS.items()}
+        paths = toy.demo_adapters(base, root)
         model = multilora_plugin.wrap(copy.deepcopy(base), max_loras=4)
         for name, path in paths.items():
             info = model.load_adapter(name, path)
@@ -211,84 +206,87 @@ def running_server(app):
         thread.join(timeout=30)
 
 
-def _adapter_arg(value: str) -> tuple:
-    name, sep, path = value.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, but got {value!r}")
-    return name, path
-
-
 def serve(args: argparse.Namespace) -> int:
-    """Load the model and adapters, then serve them with uvicorn until interrupted."""
-    import uvicorn
+    """Load the model and adapters, then serve them (uvicorn, or Ray Serve with --ray) until interrupted."""
+    from .integrations.engine_args import EngineArgs
 
-    import multilora_plugin
-    from multilora_plugin import toy
+    engine_args = EngineArgs.from_cli_args(args)
+    keep = None
+    if engine_args.model is None:  # the demo's tiny model and adapters
+        from multilora_plugin import toy
+
+        keep = tempfile.TemporaryDirectory(prefix="multilora-serve-")
+        print("no --model given: serving the demo's tiny Llama and its adapters", ", ".join(DEMO_ADAPTERS))
+        engine_args.adapters = {**toy.demo_adapters(toy.demo_model(), keep.name), **engine_args.adapters}
+    try:
+        return _serve_ray(engine_args, args) if args.ray else _serve_local(engine_args, args)
+    finally:
+        if keep is not None:
+            keep.cleanup()
+
+
+def _serve_local(engine_args, args: argparse.Namespace) -> int:
+    import uvicorn
 
     from .integrations.server import create_app
 
-    keep = None
-    adapters = list(args.adapter)
-    if args.model is None:  # the demo's tiny model and adapters
-        keep = tempfile.TemporaryDirectory(prefix="multilora-serve-")
-        print("no --model given: serving the demo's tiny Llama and its adapters", ", ".join(DEMO_ADAPTERS))
-        hf_model = toy.tiny_model("llama", hidden_size=64, num_layers=2, vocab_size=256)
-        tokenizer = toy.tiny_tokenizer(256)
-        adapters += [(name, toy.make_adapter(hf_model, f"{keep.name}/{name}", **spec))
-                     for name, spec in DEMO_ADAPTERS.items()]
-        name = args.served_model_name or "tiny-llama"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        print(f"loading {args.model} ...")
-        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        name = args.served_model_name or args.model
-    model = multilora_plugin.wrap(hf_model, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                                  max_cpu_loras=args.max_cpu_loras)
-    from tqdm.auto import tqdm
-
-    for adapter, path in tqdm(adapters, desc="registering adapters", unit="adapter", disable=not adapters):
-        model.register_adapter(adapter, path)
-    engine_args = {"max_num_seqs": args.max_num_seqs}
-    if args.max_model_len:
-        engine_args["max_model_len"] = args.max_model_len
-    engine = multilora_plugin.Engine(model, tokenizer, adapter_dir=args.adapter_dir, **engine_args)
-    app = create_app(engine, served_model_name=name, max_concurrent_requests=args.max_concurrent_requests)
-    print(f"serving {name!r} with {len(model.adapter_cache.names())} adapters, max_loras={args.max_loras} "
-          f"on http://{args.host}:{args.port}")
+    print(f"loading {engine_args.model or 'the demo model'} ...")
+    engine = engine_args.build()
+    app = create_app(engine, served_model_name=engine_args.model_name,
+                     max_concurrent_requests=args.max_concurrent_requests)
+    print(f"serving {engine_args.model_name!r} with {len(engine.model.adapter_cache.names())} adapters, "
+          f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port}")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.close()
-        if keep is not None:
-            keep.cleanup()
+    return 0
+
+
+def _serve_ray(engine_args, args: argparse.Namespace) -> int:
+    """Start (or join, with --ray-address) a Ray cluster and run the Serve application on it."""
+    import ray
+    from ray import serve
+
+    from .integrations.ray_serve import build_app
+
+    ray.init(address=args.ray_address, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_app({**dataclasses.asdict(engine_args), "replicas": args.replicas, "replica_cpus": args.replica_cpus,
+                     "replica_gpus": args.replica_gpus, "max_concurrent_requests": args.max_concurrent_requests})
+    serve.run(app, name="multilora", route_prefix="/")
+    print(f"serving {engine_args.model_name!r} on {args.replicas} Ray Serve replica(s) at "
+          f"http://{args.host}:{args.port} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .integrations.engine_args import EngineArgs
+
     parser = argparse.ArgumentParser(prog="multilora", description="Serve many LoRA adapters on one model.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run one mixed-adapter batch on a tiny local model and check it against PEFT")
     demo.add_argument("--new-tokens", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
     server = commands.add_parser("serve", help="serve a model and its adapters over HTTP (TGI and OpenAI APIs)")
-    server.add_argument("--model", help="a transformers model directory or hub id (default: the demo's tiny model)")
-    server.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    server.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="NAME=PATH",
-                        help="a PEFT LoRA adapter directory to serve as NAME (repeatable)")
-    server.add_argument("--adapter-dir", help="serve every PEFT adapter under this directory, by subdirectory name")
-    server.add_argument("--max-loras", type=int, default=4, help="adapter slots: distinct adapters per batch")
-    server.add_argument("--max-lora-rank", type=int, default=16)
-    server.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory")
-    server.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
-    server.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
+    EngineArgs.add_cli_args(server)
     server.add_argument("--max-concurrent-requests", type=int, default=256,
                         help="requests queued or running before new ones get 503")
-    server.add_argument("--served-model-name", help="the base model's name in the OpenAI API")
-    server.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    server.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    server.add_argument("--ray", action="store_true", help="serve on Ray Serve: --replicas engines, requests "
+                        "routed to the replica that holds their adapter")
+    server.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas")
+    server.add_argument("--ray-address", default=None, help="with --ray: a running cluster (default: start one here)")
+    server.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
+    server.add_argument("--replica-gpus", type=float, default=None,
+                        help="with --ray: GPUs per replica (default: 1 when the device is cuda)")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--log-level", default="info")

@@ -41,3 +41,12 @@ def test_bench_engine_quick():
 def test_bench_server_quick(capsys):
     assert load("bench_server").main(["--quick"]) == 0
     assert "streamed text equal to direct: 24/24" in capsys.readouterr().out
+
+
+def test_bench_ray_quick():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_ray.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "tokens equal in both runs: 24/24" in done.stdout
+    assert "| 2 | 2 |" in done.stdout  # both replicas served
+    assert "| 1.0 | 6 | 18 |" in done.stdout
