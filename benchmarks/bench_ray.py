@@ -138,19 +138,53 @@ async def _send(url: str, jobs: List[dict], clients: int) -> List[dict]:
     return results
 
 
+ROLES = (("LoRAReplica", "replicas"), ("Ingress", "ingress"), ("ProxyActor", "Serve proxy"),
+         ("ServeController", "Serve controller"))
+
+
+def cpu_seconds() -> Dict[int, tuple]:
+    """{pid: (role, user + system CPU seconds)} of this process (the clients) and Ray's processes."""
+    import psutil
+
+    seconds = {}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            line = " ".join(process.info["cmdline"] or [])
+            if process.pid == os.getpid():
+                role = "clients (this process)"
+            elif "ray" not in line.lower():
+                continue
+            else:
+                role = next((name for key, name in ROLES if key in line), "Ray's other processes")
+            times = process.cpu_times()
+            seconds[process.pid] = (role, times.user + times.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return seconds
+
+
+def cpu_by_role(before: Dict[int, tuple], after: Dict[int, tuple]) -> Dict[str, float]:
+    used: Dict[str, float] = {}
+    for pid, (role, total) in after.items():
+        used[role] = used.get(role, 0.0) + total - before.get(pid, (role, 0.0))[1]
+    return dict(sorted(used.items(), key=lambda item: -item[1]))
+
+
 def throughput(cluster: Cluster, model_dir: str, paths: Dict[str, str], workload, args, replicas: int) -> dict:
     cluster.deploy(model=model_dir, adapters=paths, max_loras=args.max_loras, max_lora_rank=args.rank,
                    max_num_seqs=args.max_num_seqs, served_model_name="base", replicas=replicas)
     jobs = [{"model": r.adapter or "base", "prompt": list(r.prompt_ids), "max_tokens": r.max_new_tokens,
              "temperature": 0, "ignore_eos": True} for r in workload]
     asyncio.run(_send(cluster.url, [dict(jobs[0], model="base", max_tokens=2)] * 4, 2))  # warm the path
-    started = time.perf_counter()
+    before, started = cpu_seconds(), time.perf_counter()
     results = asyncio.run(_send(cluster.url, jobs, args.clients))
     wall = time.perf_counter() - started
+    cpu = cpu_by_role(before, cpu_seconds())
     tokens = sum(r["tokens"] for r in results)
     return {"replicas": replicas, "tok_s": tokens / wall, "wall_s": wall, "tokens": tokens,
             "mean_latency_s": statistics.mean(r["latency"] for r in results),
-            "replicas_used": len({r["replica"] for r in results}), "texts": [r["text"] for r in results]}
+            "replicas_used": len({r["replica"] for r in results}), "texts": [r["text"] for r in results],
+            "cpu": cpu}
 
 
 def random_routing_rate(sequence: List[str], replicas: int, capacity: int, trials: int = 400, seed: int = 0) -> float:
@@ -254,6 +288,14 @@ def main(argv=None) -> int:
               f"{run['mean_latency_s']:.2f} |")
     print(f"\n2 replicas / 1 replica: **{runs[1]['tok_s'] / runs[0]['tok_s']:.2f}×**; "
           f"tokens equal in both runs: {same}/{len(workload)}\n")
+    roles = list(dict.fromkeys(role for run in runs for role in run["cpu"]))
+    print("CPU seconds used during each run, by process (the machine has", os.cpu_count(), "cores):\n")
+    print("| replicas | wall s | " + " | ".join(roles) + " |")
+    print("|---:|---:|" + "---:|" * len(roles))
+    for run in runs:
+        print(f"| {run['replicas']} | {run['wall_s']:.2f} | "
+              + " | ".join(f"{run['cpu'].get(role, 0.0):.2f}" for role in roles) + " |")
+    print()
     print(f"Affinity: {args.affinity_requests} requests over {args.affinity_adapters} adapters, 2 replicas keeping "
           f"{args.cpu_loras} each, {args.clients} at a time\n")
     print("| power alpha | adapters used | repeated requests | adapter in memory: Serve | random routing "

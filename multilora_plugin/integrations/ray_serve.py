@@ -118,13 +118,6 @@ class LoRAReplica:
         """What the ingress needs to know about the model."""
         return {"max_model_len": self.engine.max_model_len, **describe_model(self.model)}
 
-    async def adapter_cache(self) -> dict:
-        """This replica's adapter cache: slots, CPU tier and their bounds (for tests and operators)."""
-        stats = self.model.memory_stats()
-        return {"replica": self.replica, "slots": list(self.model.slot_contents()), "num_slots": stats.num_slots,
-                "cpu": self.model.adapter_cache.cpu_names(), "max_cpu_loras": stats.max_cpu_loras,
-                "registered": stats.registered}
-
     async def _adapter_here(self, adapter: str, path: Optional[str]) -> bool:
         """Register `adapter` from `path` if this replica does not know it (or knows another
         directory under that name), then let Serve's loader bring it into memory. Returns whether
@@ -153,9 +146,11 @@ class LoRAReplica:
                 logger.exception("recording the engine's metrics failed")
             await asyncio.sleep(METRICS_PERIOD_S)
 
-    def __del__(self) -> None:
+    def __del__(self) -> None:  # Serve stops the replica
         if getattr(self, "_refresher", None) is not None:
             self._refresher.cancel()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
 
 class _Resident:
