@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import signal
 import sys
 import tempfile
 import time
@@ -257,6 +258,11 @@ def _serve_ray(engine_args, args: argparse.Namespace) -> int:
     serve.run(app, name="multilora", route_prefix="/")
     print(f"serving {engine_args.model_name!r} on {args.replicas} Ray Serve replica(s) at "
           f"http://{args.host}:{args.port} (Ctrl-C stops)")
+
+    def stop(signum, frame):  # SIGTERM (a service manager, a container stop) as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)

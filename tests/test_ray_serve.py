@@ -206,6 +206,25 @@ def test_replica_metrics_and_cache_bounds(cluster):
     assert httpx.get(cluster.url + "/metrics").status_code == 404  # pointed at Ray's endpoint
 
 
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(cluster):
+    """Closing a stream after two events cancels the replica's generator, which aborts the engine
+    request (counted with finish_reason "abort" in the replica's metrics), and the ingress holds
+    nothing afterwards."""
+    def aborted() -> float:
+        return sum(v for (name, labels), v in cluster.metrics().items()
+                   if name == "ray_multilora_requests_total" and dict(labels).get("finish_reason") == "abort")
+
+    before = aborted()
+    body = {"model": "a04", "prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ") and next(lines) == "" and next(lines).startswith("data: ")
+    deadline = time.monotonic() + 30
+    while aborted() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert aborted() == before + 1
+
+
 # errors -------------------------------------------------------------------------------------------------
 def _broken_adapter(cluster, name: str) -> str:
     """A real adapter directory whose weights file is not a safetensors file."""

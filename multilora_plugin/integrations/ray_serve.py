@@ -349,8 +349,12 @@ class RayBackend:
             raise OverloadedError(f"the server holds {self.in_flight} requests, its limit "
                                   f"(max_concurrent_requests={self.max_concurrent_requests}); retry later")
         self.in_flight += 1
-        generator = self.replicas.options(stream=True, multiplexed_model_id=adapter or "").generate.remote(
-            request_id, text, ids, params, path, metadata, stream)
+        try:
+            generator = self.replicas.options(stream=True, multiplexed_model_id=adapter or "").generate.remote(
+                request_id, text, ids, params, path, metadata, stream)
+        except BaseException:
+            self._release()
+            raise
         return await RayStream(request_id, generator, self._release).open()
 
     def _release(self) -> None:
