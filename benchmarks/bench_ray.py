@@ -10,6 +10,7 @@ start cold.
                clients (httpx, /v1/completions with prompt token ids) to 1 replica, then to 2.
                Reported: generated tokens/s (first request to last answer), mean latency, the ratio.
                Both runs must return the same tokens for every request (exit code 1 otherwise).
+               `--stream`: the clients stream instead (server-sent events, one per token).
   affinity     for each popularity skew (power alpha in `--skews`; 1.0 is uniform), `--affinity-requests`
                requests over `--affinity-adapters` adapters, `--clients` at a time, to 2 replicas that
                each keep `--cpu-loras` adapters: the share of repeated requests that found their adapter
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 import pathlib
 import random
@@ -59,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, nargs=2, default=[8, 32], metavar=("LO", "HI"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 32], metavar=("LO", "HI"))
     p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--stream", action="store_true", help="throughput clients stream their answers (one event per "
+                   "token) instead of plain requests")
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--rank", type=int, default=8)
@@ -66,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--skews", type=float, nargs="+", default=[0.1, 0.3, 1.0])
+    p.add_argument("--skews", type=float, nargs="*", default=[0.1, 0.3, 1.0], help="power alphas of the affinity "
+                   "runs (none: skip them)")
     p.add_argument("--affinity-requests", type=int, default=240)
     p.add_argument("--affinity-adapters", type=int, default=24)
     p.add_argument("--cpu-loras", type=int, default=8, help="adapters each replica keeps in the affinity runs")
@@ -110,26 +115,44 @@ class Cluster:
         self.ray.shutdown()
 
 
-async def _send(url: str, jobs: List[dict], clients: int) -> List[dict]:
-    """Send every job (a /v1/completions body) with `clients` concurrent clients; results in order."""
+async def _send(url: str, jobs: List[dict], clients: int, stream: bool = False) -> List[dict]:
+    """Send every job (a /v1/completions body) with `clients` concurrent clients, as plain requests or
+    streamed (server-sent events); results in order."""
     results: List[dict] = [None] * len(jobs)
     queue: asyncio.Queue = asyncio.Queue()
     for i, job in enumerate(jobs):
         queue.put_nowait(i)
     started = time.perf_counter()
 
+    async def plain(http: httpx.AsyncClient, job: dict) -> tuple:
+        response = await http.post(url + "/v1/completions", json=job)
+        if response.status_code != 200:
+            raise RuntimeError(f"a request failed: {response.status_code} {response.text}")
+        body = response.json()
+        return body["choices"][0]["text"], body["usage"]["completion_tokens"], response.headers
+
+    async def streamed(http: httpx.AsyncClient, job: dict) -> tuple:
+        job = dict(job, stream=True, stream_options={"include_usage": True})
+        text, tokens = [], 0
+        async with http.stream("POST", url + "/v1/completions", json=job) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"a stream failed: {chunk['error']}")
+                text += [c["text"] for c in chunk["choices"]]
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            return "".join(text), tokens, response.headers
+
     async def client(http: httpx.AsyncClient) -> None:
         while not queue.empty():
             i = queue.get_nowait()
             sent = time.perf_counter()
-            response = await http.post(url + "/v1/completions", json=jobs[i])
-            if response.status_code != 200:
-                raise RuntimeError(f"request {i} failed: {response.status_code} {response.text}")
-            choice = response.json()["choices"][0]
-            results[i] = {"text": choice["text"], "latency": time.perf_counter() - sent,
-                          "tokens": response.json()["usage"]["completion_tokens"],
-                          "replica": response.headers.get("x-multilora-replica"),
-                          "resident": response.headers.get("x-multilora-adapter-resident"),
+            text, tokens, headers = await (streamed if stream else plain)(http, jobs[i])
+            results[i] = {"text": text, "latency": time.perf_counter() - sent, "tokens": tokens,
+                          "replica": headers.get("x-multilora-replica"),
+                          "resident": headers.get("x-multilora-adapter-resident"),
                           "done": time.perf_counter() - started}
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -138,7 +161,7 @@ async def _send(url: str, jobs: List[dict], clients: int) -> List[dict]:
     return results
 
 
-ROLES = (("LoRAReplica", "replicas"), ("Ingress", "ingress"), ("ProxyActor", "Serve proxy"),
+ROLES = (("LoRAReplica", "LoRAReplicas"), ("Ingress", "ingress"), ("ProxyActor", "Serve proxy"),
          ("ServeController", "Serve controller"))
 
 
@@ -177,7 +200,7 @@ def throughput(cluster: Cluster, model_dir: str, paths: Dict[str, str], workload
              "temperature": 0, "ignore_eos": True} for r in workload]
     asyncio.run(_send(cluster.url, [dict(jobs[0], model="base", max_tokens=2)] * 4, 2))  # warm the path
     before, started = cpu_seconds(), time.perf_counter()
-    results = asyncio.run(_send(cluster.url, jobs, args.clients))
+    results = asyncio.run(_send(cluster.url, jobs, args.clients, args.stream))
     wall = time.perf_counter() - started
     cpu = cpu_by_role(before, cpu_seconds())
     tokens = sum(r["tokens"] for r in results)
@@ -280,7 +303,8 @@ def main(argv=None) -> int:
     same = sum(a == b for a, b in zip(runs[0]["texts"], runs[1]["texts"]))
     print(f"\n{command}\n")
     print(f"Throughput: {args.requests} requests over {args.adapters} adapters (power {args.alpha}), "
-          f"{args.clients} clients, max_loras={args.max_loras}, one CPU per replica\n")
+          f"{args.clients} {'streaming' if args.stream else 'plain'} clients, max_loras={args.max_loras}, "
+          "one CPU per replica\n")
     print("| replicas | replicas used | tok/s | wall s | mean latency s |")
     print("|---:|---:|---:|---:|---:|")
     for run in runs:
@@ -296,6 +320,8 @@ def main(argv=None) -> int:
         print(f"| {run['replicas']} | {run['wall_s']:.2f} | "
               + " | ".join(f"{run['cpu'].get(role, 0.0):.2f}" for role in roles) + " |")
     print()
+    if not skews:
+        return 0 if same == len(workload) else 1
     print(f"Affinity: {args.affinity_requests} requests over {args.affinity_adapters} adapters, 2 replicas keeping "
           f"{args.cpu_loras} each, {args.clients} at a time\n")
     print("| power alpha | adapters used | repeated requests | adapter in memory: Serve | random routing "
