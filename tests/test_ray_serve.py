@@ -151,8 +151,8 @@ def test_requests_follow_their_adapter(cluster):
     """12 adapters over two replicas that each hold six: repeated requests for an adapter land on
     a replica that already has it in memory far more often than random routing would."""
     rng = random.Random(1)
-    sequence = [rng.choice(NAMES) for _ in range(120)]
-    resident, seen, placement = [], set(), {}
+    sequence = [rng.choice(NAMES) for _ in range(240)]
+    resident, seen = [], set()
 
     def send(name):
         response = _complete(cluster.url, name, PROMPTS[0], n=4)
@@ -166,15 +166,11 @@ def test_requests_follow_their_adapter(cluster):
                 if name in seen:
                     resident.append(headers["x-multilora-adapter-resident"] == "true")
                 seen.add(name)
-                placement.setdefault(name, []).append(headers["x-multilora-replica"])
     rate = sum(resident) / len(resident)
     expected = _random_routing_rate(sequence)
     print(f"resident rate {rate:.2f} (random routing: {expected:.2f}) over {len(resident)} repeated requests")
     assert expected < 0.7
     assert rate >= 0.75 and rate >= expected + 0.2
-    # most adapters settled on one replica
-    settled = sum(max(map(placement[n].count, set(placement[n]))) / len(placement[n]) >= 0.8 for n in placement)
-    assert settled >= 0.75 * len(placement)
 
 
 def test_replica_metrics_and_cache_bounds(cluster):
