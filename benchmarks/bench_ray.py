@@ -32,7 +32,6 @@ import os
 import pathlib
 import random
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -86,12 +85,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Cluster:
     """A local Ray cluster with Serve's proxy on a free port; `deploy` replaces the application."""
 
@@ -101,7 +94,9 @@ class Cluster:
 
         self.ray, self.serve = ray, serve
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-        port = _free_port()
+        from multilora_plugin.cli import free_port
+
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         self.url = f"http://127.0.0.1:{port}"
 

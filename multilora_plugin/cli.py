@@ -179,18 +179,24 @@ def _demo_server(base, tokenizer, paths, peft, new_tokens: int) -> int:
     return failures
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def running_server(app):
     """Serve an ASGI app (`integrations.server.create_app(engine)`) on a free 127.0.0.1 port in a
     background thread; yields the base URL, stops the server on exit."""
-    import socket
     import threading
 
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, name="multilora-server", daemon=True)

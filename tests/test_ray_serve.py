@@ -13,7 +13,6 @@ import json
 import pathlib
 import random
 import re
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +26,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from multilora_plugin import LLM, LoRARequest, SamplingParams, toy  # noqa: E402
-from multilora_plugin.cli import running_server  # noqa: E402
+from multilora_plugin.cli import free_port, running_server  # noqa: E402
 from multilora_plugin.integrations.engine_args import EngineArgs  # noqa: E402
 from multilora_plugin.integrations.ray_serve import RayServeArgs, build_app  # noqa: E402
 from multilora_plugin.integrations.server import create_app  # noqa: E402
@@ -36,12 +35,6 @@ VOCAB = 128
 NAMES = [f"a{i:02d}" for i in range(12)]
 PROMPTS = ["show me the number of students", "tell me a story about a little house", "the water at night"]
 CPU_LORAS = 6  # per replica: the 12 adapters fit in the two replicas together, not in one
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Cluster:
@@ -86,11 +79,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     cluster = Cluster(tmp_path_factory.mktemp("ray-serve"))
-    cluster.metrics_port = _free_port()
+    cluster.metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=cluster.metrics_port,
              _system_config={"metrics_report_interval_ms": 500})
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({**cluster.args, "replicas": 2}), name="multilora", route_prefix="/")
         cluster.url = f"http://127.0.0.1:{port}"

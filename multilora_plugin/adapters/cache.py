@@ -118,6 +118,13 @@ Reader = Callable[[AdapterSource], AdapterWeights]
 Writer = Callable[[Sequence[tuple]], None]  # [(slot, AdapterWeights or None), ...]
 
 
+def not_registered(name: str, known) -> str:
+    """The message for an adapter name that is not among `known`: a few of them, sorted."""
+    known = sorted(known)
+    shown = ", ".join(repr(n) for n in known[:8]) + (", ..." if len(known) > 8 else "")
+    return f"adapter {name!r} is not registered ({len(known)} registered: {shown or 'none'})"
+
+
 class AdapterCache:
     """Registered adapters and where their weights are. See the module docstring."""
 
@@ -521,9 +528,7 @@ class AdapterCache:
         return entry
 
     def _unknown(self, name: str) -> str:
-        known = [n for n, e in self._entries.items() if not e.unloaded]
-        shown = ", ".join(repr(n) for n in sorted(known)[:8]) + (", ..." if len(known) > 8 else "")
-        return f"adapter {name!r} is not registered ({len(known)} registered: {shown or 'none'})"
+        return not_registered(name, [n for n, e in self._entries.items() if not e.unloaded])
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

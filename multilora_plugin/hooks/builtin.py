@@ -36,11 +36,15 @@ class AdapterDirectory:
         path = os.path.join(self.root, name)
         return path if os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
 
+    def found(self) -> dict:
+        """{name: path} of every adapter directory under the root now, by name."""
+        paths = ((name, self.path_of(name)) for name in sorted(os.listdir(self.root)))
+        return {name: path for name, path in paths if path is not None}
+
     @hookimpl
     def multilora_register_adapters(self, registry) -> None:
-        for name in sorted(os.listdir(self.root)):
-            path = self.path_of(name)
-            if path is None or name in registry:
+        for name, path in self.found().items():
+            if name in registry:
                 continue
             try:
                 registry.add(name, path)

@@ -118,8 +118,16 @@ class EngineArgs:
         return dataclasses.replace(self, **changes)
 
 
-def _adapter_arg(value: str) -> tuple:
+def parse_adapter(value: str) -> tuple:
+    """"NAME=PATH" → (name, path); ValueError otherwise."""
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, but got {value!r}")
+        raise ValueError(f"expected NAME=PATH, but got {value!r}")
     return name, path
+
+
+def _adapter_arg(value: str) -> tuple:
+    try:
+        return parse_adapter(value)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None

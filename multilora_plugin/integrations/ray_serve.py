@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..adapters import AdapterState
+from ..adapters.cache import not_registered
 from ..errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -53,7 +54,7 @@ from ..hooks import hookimpl
 from ..hooks.builtin import AdapterDirectory
 from ..sampling import SamplingParams
 from .async_engine import AsyncEngine
-from .engine_args import EngineArgs
+from .engine_args import EngineArgs, parse_adapter
 from .metrics import LATENCY_BUCKETS, REQUEST_METRICS, engine_samples, finished_request_samples
 from .server import GenerationFailed, create_app, describe_model
 
@@ -112,7 +113,7 @@ class LoRAReplica:
         """Register and read an adapter here (the multiplexed id is `adapter`): the full check of
         `/v1/load_lora_adapter`. Raises what `MultiLoRAModel.load_adapter` would."""
         await self._adapter_here(adapter, path)
-        return {"replica": self.replica, "adapter": adapter, "rank": self.model.adapters[adapter].rank}
+        return {"replica": self.replica, "adapter": adapter, "rank": self.model.adapter_cache.source(adapter).rank}
 
     async def describe(self) -> dict:
         """What the ingress needs to know about the model."""
@@ -309,13 +310,9 @@ class RayBackend:
         self.default_model_name = engine_args.model_name
         self.max_concurrent_requests = max_concurrent_requests
         self.max_model_len: Optional[int] = None
-        self.catalog: Dict[str, str] = dict(engine_args.adapters)
         self.directory = AdapterDirectory(engine_args.adapter_dir) if engine_args.adapter_dir else None
-        if self.directory is not None:
-            for name in sorted(os.listdir(self.directory.root)):
-                path = self.directory.path_of(name)
-                if path is not None:
-                    self.catalog.setdefault(name, path)
+        found = self.directory.found() if self.directory is not None else {}
+        self.catalog: Dict[str, str] = {**found, **engine_args.adapters}
         self.in_flight = 0
         self._description: dict = {}
 
@@ -377,7 +374,7 @@ class RayBackend:
         """Forget the adapter here: new requests cannot name it. Requests already running finish;
         replicas drop its weights as their caches need the room."""
         if name not in self.catalog:
-            raise AdapterNotFoundError(_not_registered(name, self.catalog))
+            raise AdapterNotFoundError(not_registered(name, self.catalog))
         del self.catalog[name]
 
     def _path(self, name: str) -> str:
@@ -387,13 +384,8 @@ class RayBackend:
             if path is not None:
                 self.catalog[name] = path
         if path is None:  # worded as the engine words it
-            raise AdapterNotFoundError(_not_registered(name, self.catalog) + "; give its lora_path to register it")
+            raise AdapterNotFoundError(not_registered(name, self.catalog) + "; give its lora_path to register it")
         return path
-
-
-def _not_registered(name: str, catalog: Dict[str, str]) -> str:
-    shown = ", ".join(repr(n) for n in sorted(catalog)[:8]) + (", ..." if len(catalog) > 8 else "")
-    return f"adapter {name!r} is not registered ({len(catalog)} registered: {shown or 'none'})"
 
 
 class Ingress:
@@ -437,10 +429,7 @@ class RayServeArgs(BaseModel):
     @classmethod
     def _adapters(cls, value):
         if isinstance(value, str):  # name=path,name=path
-            pairs = [item.partition("=") for item in value.split(",") if item]
-            if any(not name or not sep or not path for name, sep, path in pairs):
-                raise ValueError(f"expected name=path,name=path, but got {value!r}")
-            return {name: path for name, _, path in pairs}
+            return dict(parse_adapter(item) for item in value.split(",") if item)
         return value
 
     def engine_args(self) -> EngineArgs:

@@ -108,9 +108,12 @@ class EngineBackend:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.async_engine = AsyncEngine(engine, max_concurrent_requests=max_concurrent_requests)
-        self.max_concurrent_requests = max_concurrent_requests
         self.metrics = EngineMetrics(engine, in_flight=lambda: self.async_engine.num_requests)
         self.default_model_name = _model_name(engine.model)
+
+    @property
+    def max_concurrent_requests(self) -> int:
+        return self.async_engine.max_concurrent_requests
 
     async def start(self) -> None:
         self.async_engine.start()
