@@ -11,7 +11,6 @@ Without `model`, the engine serves the demo's tiny Llama (the same weights in ev
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -113,9 +112,6 @@ class EngineArgs:
                    max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                    max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
                    served_model_name=args.served_model_name)
-
-    def replace(self, **changes) -> "EngineArgs":
-        return dataclasses.replace(self, **changes)
 
 
 def parse_adapter(value: str) -> tuple:
