@@ -88,9 +88,9 @@ def hit_rates(args) -> List[dict]:
                 cache.register(AdapterSource(f"a{i}", f"/adapters/a{i}", config))
             trace = popularity_trace(n, alpha, args.requests, args.seed)
             for i in trace:
-                cache.acquire([f"a{i}"])
+                hold = cache.acquire([f"a{i}"])
                 cache.sync()
-                cache.release([f"a{i}"])
+                cache.release(hold)
             s = cache.stats()
             per_k = 1000 / len(trace)
             rows.append(dict(
@@ -132,20 +132,20 @@ def slot_swaps(base, paths: Dict[str, str], args) -> dict:
     def ours_swap(i: int) -> float:
         name = names[i % 2]
         start = time.perf_counter()
-        cache.acquire([name])
+        hold = cache.acquire([name])
         cache.sync()
         elapsed = time.perf_counter() - start
-        cache.release([name])
+        cache.release(hold)
         return elapsed
 
     def ours_cold(i: int) -> float:
         name = f"cold{i}"
         start = time.perf_counter()
         ours.register_adapter(name, paths[names[i % 2]])
-        cache.acquire([name])
+        hold = cache.acquire([name])
         cache.sync()
         elapsed = time.perf_counter() - start
-        cache.release([name])
+        cache.release(hold)
         ours.unload_adapter(name)
         return elapsed
 

@@ -10,7 +10,7 @@
 
 from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats
 from .config import MultiLoRAConfig
-from .engine import LLM, CompletionOutput, Engine, EngineRequest, EngineStats, LoRARequest, RequestOutput, StepStats
+from .engine import Engine
 from .errors import (
     AdapterExistsError,
     AdapterLoadError,
@@ -29,7 +29,16 @@ from .errors import (
 )
 from .hooks import hookimpl
 from .layers import MultiLoRALinear
+from .llm import LLM
 from .mapping import BatchMapping
+from .outputs import (
+    CompletionOutput,
+    EngineRequest,
+    EngineStats,
+    LoRARequest,
+    RequestOutput,
+    StepStats,
+)
 from .sampling import SamplingParams
 from .scheduler import SchedulerConfig
 from .wrap import BASE_MODEL, AdapterInfo, MultiLoRAModel, wrap

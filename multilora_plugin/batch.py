@@ -2,7 +2,8 @@
 
 Requests join by prefilling them as a batch of their own and **concatenating** it into the running
 one, and leave by **filtering** their rows out; padding that no row needs any more is trimmed. Rows
-may name different adapters: every forward passes `adapter_names`, one per row.
+may use different adapters: every forward passes the caller's `BatchMapping` (row → slot) as
+`lora_mapping`, and the batch itself knows nothing of adapters.
 
     prefill([r1, r2])   mask [[0 0 1 1 1]      KV [2, H, 5, D]
                               [1 1 1 1 1]]
@@ -14,12 +15,13 @@ may name different adapters: every forward passes `adapter_names`, one per row.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from .errors import ConfigError
+from .mapping import BatchMapping
 
 
 def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
@@ -35,15 +37,14 @@ def _cache_from(layers: Sequence[tuple]) -> DynamicCache:
 
 
 class Batch:
-    """Rows of running requests. `names[i]` is row i's adapter (None: the base model)."""
+    """Rows of running requests: their attention mask and KV cache."""
 
-    def __init__(self, names: List[Optional[str]], mask: torch.Tensor, cache: DynamicCache) -> None:
-        self.names = names
+    def __init__(self, mask: torch.Tensor, cache: DynamicCache) -> None:
         self.mask = mask  # [B, T] int64: 1 where the KV position holds a real token
         self.cache = cache  # KV for the T positions
 
     def __len__(self) -> int:
-        return len(self.names)
+        return self.mask.shape[0]
 
     @staticmethod
     def check_model(model) -> None:
@@ -56,8 +57,9 @@ class Batch:
             )
 
     @classmethod
-    def prefill(cls, model, token_ids: Sequence[Sequence[int]], names: List[Optional[str]]):
-        """Run the prompts (left-padded) through `model`; returns (batch, last-position logits [B, V])."""
+    def prefill(cls, model, token_ids: Sequence[Sequence[int]], mapping: BatchMapping):
+        """Run the prompts (left-padded) through `model`, row i with `mapping`'s slot for row i;
+        returns (batch, last-position logits [B, V])."""
         width = max(len(t) for t in token_ids)
         device = model.device
         ids = torch.zeros(len(token_ids), width, dtype=torch.long, device=device)
@@ -66,15 +68,15 @@ class Batch:
             ids[row, width - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
             mask[row, width - len(tokens):] = 1
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, width),
-                    past_key_values=DynamicCache(), use_cache=True, adapter_names=list(names))
-        return cls(list(names), mask, out.past_key_values), out.logits[:, -1]
+                    past_key_values=DynamicCache(), use_cache=True, lora_mapping=mapping)
+        return cls(mask, out.past_key_values), out.logits[:, -1]
 
-    def decode(self, model, tokens: Sequence[int]) -> torch.Tensor:
-        """Feed one token per row; returns the next logits [B, V]."""
+    def decode(self, model, tokens: Sequence[int], mapping: BatchMapping) -> torch.Tensor:
+        """Feed one token per row (with `mapping`'s slot for each row); returns the next logits [B, V]."""
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.mask.device).view(-1, 1)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=_positions(self.mask, 1),
-                    past_key_values=self.cache, use_cache=True, adapter_names=list(self.names))
+                    past_key_values=self.cache, use_cache=True, lora_mapping=mapping)
         self.cache = out.past_key_values
         return out.logits[:, -1]
 
@@ -88,7 +90,7 @@ class Batch:
         start = int(used[0]) if len(used) else mask.shape[1] - 1
         layers = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
                   for layer in self.cache.layers]
-        return Batch([self.names[i] for i in rows], mask[:, start:].contiguous(), _cache_from(layers))
+        return Batch(mask[:, start:].contiguous(), _cache_from(layers))
 
     @staticmethod
     def concatenate(batches: Sequence["Batch"]) -> "Batch":
@@ -111,5 +113,4 @@ class Batch:
             keys = [pad(b.cache.layers[i].keys, 2, width - b.mask.shape[1]) for b in batches]
             values = [pad(b.cache.layers[i].values, 2, width - b.mask.shape[1]) for b in batches]
             layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
-        names = [n for b in batches for n in b.names]
-        return Batch(names, mask, _cache_from(layers))
+        return Batch(mask, _cache_from(layers))

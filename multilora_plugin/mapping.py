@@ -151,4 +151,4 @@ class ForwardContext:
     def __init__(self) -> None:
         self.mapping: Optional[BatchMapping] = None  # the mapping of the call in flight
         self.generate_rows: Optional[tuple] = None  # row slots of the `generate` call in flight
-        self.held: Optional[list] = None  # adapters the forward in flight holds in their slots
+        self.held = None  # the cache `Hold` of the forward in flight (called with `adapter_names`)

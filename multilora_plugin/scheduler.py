@@ -16,10 +16,13 @@ Each `schedule()` call decides one engine step:
        working, but none can delay the head: it is admitted as soon as that adapter drains. When
        more adapters are wanted than there are slots, they take turns in arrival order.
 
-Resident adapters mirror the cache's slots: an adapter stays resident after its requests drain,
-until a new adapter needs its slot (least recently used first). `adapters_to_load` /
-`adapters_to_evict` say what changed; `adapters_to_prefetch` names the adapters of queued requests
-that are not resident yet, so the cache can read them from disk ahead of time.
+Residency is the adapter cache's: the scheduler asks it through a read-only `Residency` view
+(is this adapter in a slot; could these adapters all be in slots at once, beside what is held or
+pinned) and never keeps a copy. Without a view (the
+scheduler on its own), only the adapters of running requests count as resident. An adapter stays
+resident after its requests drain, until another one needs its slot (the cache evicts the least
+recently used). `adapters_to_prefetch` names the adapters of queued requests that are not resident
+yet, so the cache can read them from disk ahead of time.
 
 Policies (`SchedulerConfig.policy`):
     fcfs               arrival order; the head of the queue blocks when it does not fit
@@ -35,12 +38,16 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Protocol, Set, Tuple
 
 from .config import check_int
-from .errors import AdapterNotFoundError, ConfigError, InvalidRequestError, MultiLoRAError
+from .errors import (
+    AdapterNotFoundError,
+    ConfigError,
+    InvalidRequestError,
+    MultiLoRAError,
+)
 
 POLICIES = ("fcfs", "adapter_affinity", "fair_share", "priority")
 
@@ -110,8 +117,6 @@ class SchedulerOutput:
     decode: List[Request] = field(default_factory=list)  # running since an earlier step: one token each
     preempted: List[Request] = field(default_factory=list)  # moved back to waiting (recompute later)
     failed: List[Tuple[Request, MultiLoRAError]] = field(default_factory=list)  # removed, with the reason
-    adapters_to_load: List[str] = field(default_factory=list)  # newly resident this step
-    adapters_to_evict: List[str] = field(default_factory=list)  # no longer resident
     adapters_to_prefetch: List[str] = field(default_factory=list)  # queued, not resident yet
 
     @property
@@ -128,29 +133,39 @@ class SchedulerStats:
     steps: int
     waiting: int
     running: int
-    resident_adapters: Tuple[str, ...]
     active_adapters: Tuple[str, ...]  # adapters of running requests
-    adapter_loads: int  # adapters made resident
-    adapter_swaps: int  # of those, how many replaced another adapter in a full set of slots
     preemptions: int
     max_wait: int  # the longest any request waited before its first admission, in steps
 
 
+class Residency(Protocol):
+    """What the scheduler asks the adapter cache, which owns slot residency (`AdapterCache.residency`)."""
+
+    def is_resident(self, name: str) -> bool:
+        """Whether the adapter's current weights are in a slot."""
+
+    def fits(self, names: Collection[str]) -> bool:
+        """Whether all these adapters could be in slots at once now, beside every content that is
+        held by a running batch or pinned (which keeps its slot)."""
+
+
 class Scheduler:
     """See the module docstring. `adapter_exists(name)` (optional) says whether an adapter can be
-    served; requests for others fail alone with `AdapterNotFoundError`."""
+    served; requests for others fail alone with `AdapterNotFoundError`. `residency` (optional): the
+    adapter cache's view of its slots."""
 
     def __init__(self, config: Optional[SchedulerConfig] = None,
-                 adapter_exists: Optional[Callable[[str], bool]] = None) -> None:
+                 adapter_exists: Optional[Callable[[str], bool]] = None,
+                 residency: Optional[Residency] = None) -> None:
         self.config = config or SchedulerConfig()
         self._adapter_exists = adapter_exists
+        self._residency = residency
         self._waiting: Dict[str, Request] = {}  # request id → request, insertion order irrelevant
         self._running: Dict[str, Request] = {}  # request id → request, in admission order
-        self._resident: OrderedDict = OrderedDict()  # adapter → None, least recently used first
         self._service: Dict[Optional[str], float] = {}  # fair_share: tokens served per adapter
         self._arrivals = itertools.count()
         self._step = 0
-        self._loads = self._swaps = self._preemptions = self._max_wait = 0
+        self._preemptions = self._max_wait = 0
 
     # requests -------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -217,9 +232,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             steps=self._step, waiting=len(self._waiting), running=len(self._running),
-            resident_adapters=tuple(self._resident), active_adapters=tuple(self._active()),
-            adapter_loads=self._loads, adapter_swaps=self._swaps, preemptions=self._preemptions,
-            max_wait=self._max_wait,
+            active_adapters=tuple(self._active()), preemptions=self._preemptions, max_wait=self._max_wait,
         )
 
     # one step -------------------------------------------------------------------------------------
@@ -229,7 +242,7 @@ class Scheduler:
         self._preempt_for_decode(out)
         out.decode = list(self._running.values())
         self._admit(out)
-        out.adapters_to_prefetch = self._prefetch_list()
+        out.adapters_to_prefetch = self._prefetch_list(set(self._active()))
         self._step += 1
         return out
 
@@ -256,8 +269,8 @@ class Scheduler:
         seats = c.max_num_seqs - len(self._running)
         prefill_budget = c.max_num_batched_tokens
         kv_free = c.max_total_tokens - sum(r.num_tokens + 1 for r in self._running.values())
-        active = set(self._active())
-        order, block = self._policy_order(), c.policy == "fcfs"
+        active = set(self._active())  # adapters of running requests, and of those admitted now
+        order, block = self._policy_order(active), c.policy == "fcfs"
         head = min(self._waiting.values(), key=lambda r: r.arrival, default=None)
         if head is not None and self._step - head.arrival_step < c.max_wait_steps:
             head = None  # nobody is overdue
@@ -265,7 +278,7 @@ class Scheduler:
             order.remove(head)
             order.insert(0, head)
         closed: Optional[str] = None  # an active adapter the overdue head waits on: nobody new joins it
-        slots_kept = 0  # a free slot kept for the overdue head
+        kept: Set[str] = set()  # the overdue head's adapter, when a slot is kept for it
         for request in order:
             if seats == 0:
                 break
@@ -276,7 +289,7 @@ class Scheduler:
             headroom = len(self._running) if self._running else 0
             fits = (not too_long and need + 1 + headroom <= kv_free
                     and (closed is None or request.adapter != closed)
-                    and self._has_slot(request.adapter, active, slots_kept))
+                    and self._has_slot(request.adapter, active | kept))
             if not fits:
                 if block:
                     break
@@ -286,13 +299,12 @@ class Scheduler:
                     seats -= 1
                     prefill_budget -= need
                     kv_free -= need + 1
-                    if not self._is_resident(head.adapter):
+                    if head.adapter is not None and head.adapter not in active:
                         if self._has_slot(head.adapter, active):
-                            slots_kept = 1
+                            kept = {head.adapter}
                         else:
                             closed = self._first_to_drain(active)
                 continue
-            self._make_resident(request.adapter, active, out)
             del self._waiting[request.request_id]
             self._running[request.request_id] = request
             request.status = Status.RUNNING
@@ -306,13 +318,13 @@ class Scheduler:
             if request.adapter is not None:
                 active.add(request.adapter)
 
-    def _policy_order(self) -> List[Request]:
+    def _policy_order(self, active: Set[str]) -> List[Request]:
         waiting = list(self._waiting.values())
         policy = self.config.policy
         if policy == "fcfs":
             return sorted(waiting, key=lambda r: r.arrival)
         if policy == "adapter_affinity":
-            return sorted(waiting, key=lambda r: (not self._is_resident(r.adapter), r.arrival))
+            return sorted(waiting, key=lambda r: (not self._resident(r.adapter, active), r.arrival))
         if policy == "fair_share":
             return sorted(waiting, key=lambda r: (self._service.get(r.adapter, 0.0), r.arrival))
         return sorted(waiting, key=lambda r: (r.priority, r.arrival))
@@ -321,15 +333,21 @@ class Scheduler:
     def _active(self) -> List[str]:
         return list(dict.fromkeys(r.adapter for r in self._running.values() if r.adapter is not None))
 
-    def _is_resident(self, adapter: Optional[str]) -> bool:
-        return adapter is None or adapter in self._resident
-
-    def _has_slot(self, adapter: Optional[str], active: set, kept: int = 0) -> bool:
-        """Whether `adapter` is resident or can be made so, leaving `kept` free slots for others."""
-        if self._is_resident(adapter):
+    def _resident(self, adapter: Optional[str], active: Set[str]) -> bool:
+        """Whether `adapter` is in a slot (the base model always is; so are running requests' adapters)."""
+        if adapter is None or adapter in active:
             return True
-        free = self.config.max_loras - len(self._resident) + sum(a not in active for a in self._resident)
-        return free > kept
+        return self._residency is not None and self._residency.is_resident(adapter)
+
+    def _has_slot(self, adapter: Optional[str], want: Set[str]) -> bool:
+        """Whether `adapter` can be in a slot beside the adapters in `want` (those of running and
+        just admitted requests, and one kept for an overdue request); held and pinned adapters keep
+        theirs."""
+        if adapter is None or adapter in want:
+            return True
+        if self._residency is None:
+            return len(want) + 1 <= self.config.max_loras
+        return self._residency.fits(want | {adapter})
 
     def _first_to_drain(self, active: set) -> Optional[str]:
         """The active adapter whose running requests can all be done soonest (by their token limits)."""
@@ -339,26 +357,12 @@ class Scheduler:
                 left[r.adapter] = max(left.get(r.adapter, 0), r.max_new_tokens - r.num_output_tokens)
         return min(left, key=left.get) if left else None
 
-    def _make_resident(self, adapter: Optional[str], active: set, out: SchedulerOutput) -> None:
-        if adapter is None:
-            return
-        if adapter not in self._resident:
-            if len(self._resident) >= self.config.max_loras:
-                victim = next(a for a in self._resident if a not in active)
-                del self._resident[victim]
-                out.adapters_to_evict.append(victim)
-                self._swaps += 1
-            self._loads += 1
-            out.adapters_to_load.append(adapter)
-        self._resident[adapter] = None
-        self._resident.move_to_end(adapter)
-
-    def _prefetch_list(self) -> List[str]:
+    def _prefetch_list(self, active: Set[str]) -> List[str]:
         names: List[str] = []
-        for request in self._policy_order():
+        for request in self._policy_order(active):
             if len(names) >= self.config.max_prefetch:
                 break
-            if request.adapter is not None and request.adapter not in self._resident and request.adapter not in names:
+            if not self._resident(request.adapter, active) and request.adapter not in names:
                 names.append(request.adapter)
         return names
 

@@ -35,6 +35,7 @@ class AdapterInfo:
     path: str
     state: AdapterState
     version: int  # 1, +1 for each `load_adapter(..., replace=True)`
+    content_id: Optional[int]  # the id of the weights in memory (never reused in the process); None while not in memory
     rank: int  # the largest rank its config gives a module
     alpha: float  # `lora_alpha` of the config (per-module patterns may differ)
     num_bytes: Optional[int]  # CPU memory held by its weights; None while not in memory
@@ -164,9 +165,9 @@ class MultiLoRAModel(nn.Module):
         return {name: self._info(name) for name in self._cache.names()}
 
     def _info(self, name: str) -> AdapterInfo:
-        source, weights, state = self._cache.describe(name)
+        source, weights, state, content_id = self._cache.describe(name)
         return AdapterInfo(
-            name=name, path=source.path, state=state, version=source.version,
+            name=name, path=source.path, state=state, version=source.version, content_id=content_id,
             rank=source.rank, alpha=source.config.lora_alpha,
             num_bytes=None if weights is None else weights.num_bytes,
             target_modules=None if weights is None else tuple(weights.modules),
@@ -184,8 +185,9 @@ class MultiLoRAModel(nn.Module):
         """Register a PEFT LoRA adapter directory under `name` and read its weights into CPU memory now.
 
         Nothing changes unless the whole adapter is valid for this model. It takes a slot only when a
-        batch first uses it. With `replace=True` an adapter of that name gets the new weights in place
-        (a new version); a batch already using it switches at its next forward, never within one.
+        batch first uses it. With `replace=True` an adapter of that name gets the new weights (a new
+        version): calls and requests already running finish on the old weights, later ones use the
+        new ones. An unloaded name can be loaded again at once, even while a call still uses it.
         """
         if not isinstance(replace, bool):
             raise InvalidRequestError(f"`replace` should be a bool, but got {replace!r}")
@@ -194,7 +196,8 @@ class MultiLoRAModel(nn.Module):
         return self._info(name)
 
     def unload_adapter(self, name: str) -> None:
-        """Forget an adapter: its slot and its CPU copy are freed (once no running batch uses it)."""
+        """Forget an adapter: its slot and its CPU copy are freed (once no running batch uses it).
+        The name can be registered again at once."""
         self._cache.unregister(name)
 
     def evict_adapter(self, name: str) -> bool:
@@ -249,9 +252,9 @@ class MultiLoRAModel(nn.Module):
             current.wait_stream(stream)
 
     def _activate(self, adapter_names: Sequence, batch: Optional[int]) -> tuple:
-        """Check a batch's adapter names and hold their adapters in slots (see `_release`).
+        """Check a batch's adapter names and hold their current contents in slots.
 
-        Returns (row slots, the names held)."""
+        Returns (row slots, the `Hold` to release)."""
         if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence):
             raise InvalidRequestError(
                 f"`adapter_names` should be a list with one name (or None) per row, but got {adapter_names!r}"
@@ -265,13 +268,12 @@ class MultiLoRAModel(nn.Module):
             if name is not None and not isinstance(name, str):
                 raise InvalidRequestError(f"adapter names should be str or None, but got {name!r}")
             rows.append(None if name in (None, BASE_MODEL) else name)
-        needed = list(dict.fromkeys(n for n in rows if n is not None))
-        slots = self._cache.acquire(needed)
-        return tuple(-1 if n is None else slots[n] for n in rows), needed
+        hold = self._cache.acquire(n for n in rows if n is not None)
+        return tuple(-1 if n is None else hold.slots[n] for n in rows), hold
 
     # forward and generate ---------------------------------------------------------------------------
-    def _mapping(self, row_slots: Optional[tuple]) -> Optional[BatchMapping]:
-        if row_slots is None or all(s < 0 for s in row_slots):
+    def _mapping(self, row_slots: tuple) -> Optional[BatchMapping]:
+        if all(s < 0 for s in row_slots):
             return None
         last = self._last_mapping
         if last is None or last.row_slots != row_slots:  # decode steps reuse one mapping
@@ -280,29 +282,45 @@ class MultiLoRAModel(nn.Module):
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         names = kwargs.pop("adapter_names", None)
+        mapping = kwargs.pop("lora_mapping", None)
         batch = _batch_size(args, kwargs)
-        if names is not None:
+        if mapping is not None:  # an engine's: built from the slots its requests hold
+            if names is not None:
+                raise InvalidRequestError("give either `adapter_names` or `lora_mapping`, not both")
+            mapping = self._check_mapping(mapping, batch)
+        elif names is not None:
             rows, self._context.held = self._activate(names, batch)
+            mapping = self._mapping(rows)
         elif self._context.generate_rows is not None and batch is not None:
-            rows = expand_rows(self._context.generate_rows, batch)
-        else:
-            rows = None
+            mapping = self._mapping(expand_rows(self._context.generate_rows, batch))
         self._cache.sync()  # slot changes made since the last forward land now, not during this one
-        self._context.mapping = self._mapping(rows)
+        self._context.mapping = mapping if mapping is not None and mapping.has_lora else None
         return args, kwargs
+
+    def _check_mapping(self, mapping: BatchMapping, batch: Optional[int]) -> BatchMapping:
+        if not isinstance(mapping, BatchMapping) or mapping.num_slots != self.multilora_config.max_loras:
+            raise InvalidRequestError(f"`lora_mapping` should be a BatchMapping over this model's "
+                                      f"{self.multilora_config.max_loras} slots, but got {mapping!r}")
+        if batch is not None and mapping.num_rows != batch:
+            raise InvalidRequestError(f"`lora_mapping` should map each of the {batch} input rows, "
+                                      f"but maps {mapping.num_rows}")
+        return mapping
 
     def _after_forward(self, module: nn.Module, args: tuple, output):
         self._context.mapping = None
         held, self._context.held = self._context.held, None
-        if held:
+        if held is not None:
             self._cache.release(held)
 
-    def forward(self, *args, adapter_names: Optional[Sequence] = None, **kwargs):
-        return self.hf_model(*args, adapter_names=adapter_names, **kwargs)
+    def forward(self, *args, adapter_names: Optional[Sequence] = None, lora_mapping: Optional[BatchMapping] = None,
+                **kwargs):
+        """The model's forward. `adapter_names`: one name (or None) per row, held for this call.
+        `lora_mapping`: row → slot, from an engine whose requests hold their adapters already."""
+        return self.hf_model(*args, adapter_names=adapter_names, lora_mapping=lora_mapping, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence] = None, **kwargs):
         """`transformers` generate with one adapter per input row; beams and returned sequences of a
-        row use that row's adapter, which stays in its slot until generate returns."""
+        row use that row's adapter, whose weights at the start stay in its slot until generate returns."""
         if adapter_names is None:
             return self.hf_model.generate(*args, **kwargs)
         self._context.generate_rows, held = self._activate(adapter_names, _batch_size(args, kwargs))

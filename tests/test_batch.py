@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import multilora_plugin
+from multilora_plugin import BatchMapping
 from multilora_plugin.batch import Batch
 from multilora_plugin.errors import ConfigError
 
@@ -31,20 +32,27 @@ def alone(kit, prompt, adapter, new_tokens):
 
 
 def serve(model, requests):
-    """Greedy continuous batching by hand: join at the given step, leave when done."""
+    """Greedy continuous batching by hand: join at the given step, leave when done. Every adapter is
+    held in a slot for the whole run, and each forward gets the mapping of its rows' slots."""
+    hold = model.adapter_cache.acquire(a for _, a, _, _ in requests if a is not None)
+
+    def mapping(indices):
+        slots = tuple(-1 if requests[i][1] is None else hold.slots[requests[i][1]] for i in indices)
+        return BatchMapping(slots, model.multilora_config.max_loras)
+
     got = {i: [] for i in range(len(requests))}
     batch, rows, last = None, [], []
     step = 0
     with torch.no_grad():
         while step == 0 or rows or any(join >= step for *_, join in requests):
             if batch is not None:
-                tokens = batch.decode(model, last).argmax(-1).tolist()
+                tokens = batch.decode(model, last, mapping(rows)).argmax(-1).tolist()
                 for r, t in zip(rows, tokens):
                     got[r].append(t)
                 last = tokens
             joining = [i for i, (*_, join) in enumerate(requests) if join == step]
             if joining:
-                new, logits = Batch.prefill(model, [requests[i][0] for i in joining], [requests[i][1] for i in joining])
+                new, logits = Batch.prefill(model, [requests[i][0] for i in joining], mapping(joining))
                 tokens = logits.argmax(-1).tolist()
                 for r, t in zip(joining, tokens):
                     got[r].append(t)
@@ -55,6 +63,7 @@ def serve(model, requests):
                 rows, last = [rows[k] for k in keep], [last[k] for k in keep]
                 assert batch is None or batch.mask[:, 0].any(), "padding that no row needs was not trimmed"
             step += 1
+    model.adapter_cache.release(hold)
     return got
 
 
@@ -71,7 +80,7 @@ def test_join_and_leave_match_peft(kit_factory, arch):
 
 def test_filter_to_nothing_and_concatenate_one():
     mask = torch.ones(2, 3, dtype=torch.long)
-    batch = Batch(["a", None], mask, None)
+    batch = Batch(mask, None)
     assert batch.filter([]) is None
     assert Batch.concatenate([None, batch]) is batch
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import multilora_plugin
-from multilora_plugin import toy
-from multilora_plugin.engine import LLM, Engine, LoRARequest
+from multilora_plugin import LLM, Engine, LoRARequest, toy
 from multilora_plugin.errors import (
     AdapterExistsError,
     AdapterLoadError,
@@ -92,17 +91,18 @@ def drive(engine, requests, params=None, check=None):
 
 
 def invariants(engine):
-    """What must hold after every step: at most max_loras adapters among running rows, rows grouped
-    by slot with base rows last, and one KV row per running request."""
+    """What must hold after every step: at most max_loras adapters among running rows, every row's
+    slot holding exactly the content that row's request holds, and one KV row per running request."""
     rows = engine._rows
     adapters = {s.adapter for s in rows if s.adapter is not None}
     assert len(adapters) <= engine.model.multilora_config.max_loras
-    keys = [s.slot if s.slot is not None else 99 for s in rows]
-    assert keys == sorted(keys), keys
-    assert all((s.slot is None) == (s.adapter is None) for s in rows)
+    assert all((s.hold is None) == (s.adapter is None) for s in rows)
     assert len(rows) == (0 if engine._batch is None else len(engine._batch))
+    content_ids = engine.cache.content_ids()
     for s in rows:
-        assert engine.model.slot_contents()[s.slot] == s.adapter if s.adapter else True
+        if s.adapter is not None:
+            assert content_ids[s.slot] == s.hold.content_ids[s.adapter]
+            assert engine.model.slot_contents()[s.slot] == s.adapter
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "adapter_affinity", "fair_share", "priority"])
@@ -375,7 +375,7 @@ def test_incremental_text_waits_for_whole_characters():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from multilora_plugin.engine import _Detokenizer
+    from multilora_plugin.detokenize import Detokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -386,7 +386,7 @@ def test_incremental_text_waits_for_whole_characters():
     prompt = tok.encode("plain words")
     output = tok.encode(" naïve café 😀 über ✓ done")
     assert len(output) > len(" naïve café 😀 über ✓ done".split()) + 6, "characters are split over tokens"
-    detok = _Detokenizer(tok, prompt)
+    detok = Detokenizer(tok, prompt)
     pieces = [detok.add(t) for t in output]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == tok.decode(prompt + output)[len(tok.decode(prompt)):] == " naïve café 😀 über ✓ done"
@@ -400,15 +400,15 @@ def test_a_forward_that_raises_fails_only_the_requests_it_ran(kit, monkeypatch):
     real_prefill, real_decode = Batch.prefill, Batch.decode
     broken = {"decode": False}
 
-    def prefill(cls, model, token_ids, names):
+    def prefill(cls, model, token_ids, mapping):
         if any(99 in t for t in token_ids):
             raise RuntimeError("a kernel failed on token 99")
-        return real_prefill.__func__(cls, model, token_ids, names)
+        return real_prefill.__func__(cls, model, token_ids, mapping)
 
-    def decode(self, model, tokens):
+    def decode(self, model, tokens, mapping):
         if broken["decode"]:
             raise RuntimeError("the device went away")
-        return real_decode(self, model, tokens)
+        return real_decode(self, model, tokens, mapping)
 
     monkeypatch.setattr(Batch, "prefill", classmethod(prefill))
     monkeypatch.setattr(Batch, "decode", decode)

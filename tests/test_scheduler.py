@@ -7,25 +7,62 @@ import ast
 import pathlib
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig
 
-from multilora_plugin.errors import AdapterNotFoundError, ConfigError, InvalidRequestError
+from multilora_plugin import EMPTY
+from multilora_plugin.adapters import AdapterCache, AdapterSource, AdapterWeights, ModuleWeights
+from multilora_plugin.errors import AdapterNotFoundError, CapacityError, ConfigError, InvalidRequestError
 from multilora_plugin.scheduler import POLICIES, Request, Scheduler, SchedulerConfig
+
+ADAPTERS = ("A", "B", "C", "D", "E", "code", "math", "busy", "quiet")
 
 
 def req(rid, adapter, prompt=4, new=3, priority=0):
     return Request(rid, adapter, num_prompt_tokens=prompt, max_new_tokens=new, priority=priority)
 
 
+def with_cache(config: SchedulerConfig, **kwargs):
+    """A scheduler over a real adapter cache (in-memory weights, no slot buffers), as the engine
+    builds it: the scheduler reads the cache's residency view and keeps no copy of its own."""
+    weights = AdapterWeights("x", "/x", LoraConfig(r=1), {"m": ModuleWeights(torch.zeros(1, 1), torch.zeros(1, 1))})
+    cache = AdapterCache(num_slots=config.max_loras, max_cpu_loras=8, read=lambda src: weights,
+                         write=lambda writes: None)
+    for name in ADAPTERS:
+        cache.register(AdapterSource(name, f"/adapters/{name}", LoraConfig(r=1)))
+    sched = Scheduler(config, adapter_exists=cache.__contains__, residency=cache.residency, **kwargs)
+    sched.cache, sched.holds = cache, {}  # the holds: request id → its cache Hold
+    return sched
+
+
 def run_step(sched: Scheduler):
-    """One engine step as the engine runs it: every running request makes one token; done ones finish."""
+    """One engine step as the engine runs it: admitted requests hold their adapter in the cache (one
+    that cannot get a slot goes back to waiting), every running request makes one token, done ones
+    finish and release their hold."""
+    cache, holds = getattr(sched, "cache", None), getattr(sched, "holds", {})
     out = sched.schedule()
-    for r in out.running:
+    for r in out.preempted:
+        if r.request_id in holds:
+            cache.release(holds.pop(r.request_id))
+    for r in list(out.prefill):
+        if cache is not None and r.adapter is not None:
+            try:
+                holds[r.request_id] = cache.acquire([r.adapter])
+            except CapacityError:
+                sched.preempt(r.request_id)
+    for r in sched.running:
         sched.record_tokens(r.request_id)
         if r.num_output_tokens >= r.max_new_tokens:
             sched.finish(r.request_id)
+            if r.request_id in holds:
+                cache.release(holds.pop(r.request_id))
     return out
+
+
+def resident(sched) -> set:
+    return {n for n in sched.cache.contents() if n is not EMPTY}
 
 
 def ids(requests):
@@ -43,7 +80,7 @@ def test_scheduler_module_does_not_import_torch():
 def test_empty_scheduler_schedules_nothing():
     sched = Scheduler()
     out = sched.schedule()
-    assert out.is_empty and out.adapters_to_load == [] and not sched.has_unfinished()
+    assert out.is_empty and out.adapters_to_prefetch == [] and not sched.has_unfinished()
 
 
 # max_loras=2: req1→A, req2→B, req3→A, req4→C, req5→B arriving together (the issue's case)
@@ -57,31 +94,35 @@ FIRST_BATCH = {
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_first_batch_with_two_slots(policy):
-    sched = Scheduler(SchedulerConfig(max_loras=2, policy=policy))
+    sched = with_cache(SchedulerConfig(max_loras=2, policy=policy))
     for rid, adapter in [("req1", "A"), ("req2", "B"), ("req3", "A"), ("req4", "C"), ("req5", "B")]:
         sched.add(req(rid, adapter))
     out = run_step(sched)
     assert ids(out.prefill) == FIRST_BATCH[policy]
-    assert out.adapters_to_load == ["A", "B"] and out.adapters_to_prefetch == ["C"]
+    assert sched.cache.contents() == ("A", "B") and out.adapters_to_prefetch == ["C"]
 
 
 def test_req4_runs_once_a_drains():
-    sched = Scheduler(SchedulerConfig(max_loras=2))
+    sched = with_cache(SchedulerConfig(max_loras=2))
     for rid, adapter, new in [("req1", "A", 2), ("req2", "B", 5), ("req3", "A", 2), ("req4", "C", 2),
                               ("req5", "B", 5)]:
         sched.add(req(rid, adapter, new=new))
-    steps = [run_step(sched) for _ in range(3)]
+    contents = []
+    steps = []
+    for _ in range(3):
+        steps.append(run_step(sched))
+        contents.append(sched.cache.contents())
     assert [ids(s.prefill) for s in steps] == [["req1", "req2", "req3", "req5"], [], ["req4"]]
-    assert steps[2].adapters_to_evict == ["A"] and steps[2].adapters_to_load == ["C"]
+    assert contents == [("A", "B"), ("A", "B"), ("C", "B")]  # A drained, then C took its slot
     assert ids(steps[2].decode) == ["req2", "req5"]
 
 
 def test_base_model_requests_take_no_slot():
-    sched = Scheduler(SchedulerConfig(max_loras=1))
+    sched = with_cache(SchedulerConfig(max_loras=1))
     for i, adapter in enumerate(["A", None, None, "B", None]):
         sched.add(req(f"r{i}", adapter))
     out = run_step(sched)
-    assert ids(out.prefill) == ["r0", "r1", "r2", "r4"] and sched.stats().resident_adapters == ("A",)
+    assert ids(out.prefill) == ["r0", "r1", "r2", "r4"] and sched.cache.contents() == ("A",)
 
 
 # max_loras=1, 8 per batch: code, code, math, math, code, base, base (the issue's case)
@@ -96,7 +137,7 @@ RUNS = {  # policy → request ids admitted at each step where any was admitted;
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_same_adapter_runs_coalesce(policy):
-    sched = Scheduler(SchedulerConfig(max_loras=1, max_num_seqs=8, policy=policy))
+    sched = with_cache(SchedulerConfig(max_loras=1, max_num_seqs=8, policy=policy))
     for i, (adapter, new) in enumerate(ARRIVALS):
         sched.add(req(f"r{i}", adapter, new=new))
     admitted = []
@@ -106,7 +147,8 @@ def test_same_adapter_runs_coalesce(policy):
             admitted.append(ids(out.prefill))
     runs, swaps = RUNS[policy]
     assert admitted == runs
-    assert sched.stats().adapter_swaps == swaps and sched.stats().adapter_loads == swaps + 1
+    stats = sched.cache.stats()
+    assert stats.gpu_evictions == swaps and stats.gpu_misses == swaps + 1  # placements: one per run
 
 
 def test_unknown_adapter_fails_alone():
@@ -188,7 +230,7 @@ def test_priority_policy_and_preemption_order():
 
 def test_fair_share_lets_a_quiet_adapter_through():
     """A busy adapter with a long queue does not crowd out a quiet one under fair_share."""
-    sched = Scheduler(SchedulerConfig(max_loras=1, max_num_seqs=2, policy="fair_share"))
+    sched = Scheduler(SchedulerConfig(max_loras=1, max_num_seqs=2, policy="fair_share"))  # no cache
     for i in range(6):
         sched.add(req(f"busy{i}", "busy", new=2))
     run_step(sched)
@@ -202,7 +244,7 @@ def test_fair_share_lets_a_quiet_adapter_through():
 def test_anti_starvation_bound_lets_an_adapter_take_its_turn():
     """A steady stream for A would keep B out forever under adapter_affinity; after max_wait_steps
     newer A requests stop passing B, A drains and B gets the slot."""
-    sched = Scheduler(SchedulerConfig(max_loras=1, max_num_seqs=4, max_wait_steps=5))
+    sched = with_cache(SchedulerConfig(max_loras=1, max_num_seqs=4, max_wait_steps=5))
     sched.add(req("a0", "A", new=3))
     sched.add(req("b0", "B", new=3))
     admitted_at = {}
@@ -218,7 +260,7 @@ def test_anti_starvation_bound_lets_an_adapter_take_its_turn():
 def test_an_overdue_request_reserves_what_it_needs_and_the_rest_keeps_running():
     """max_loras=2, A (long) and B (short) running, C overdue: B, the first to drain, is closed to
     newcomers; a newer A request and a base-model request still join; C gets B's slot."""
-    sched = Scheduler(SchedulerConfig(max_loras=2, max_num_seqs=8, max_wait_steps=2))
+    sched = with_cache(SchedulerConfig(max_loras=2, max_num_seqs=8, max_wait_steps=2))
     sched.add(req("a0", "A", new=12))
     sched.add(req("b0", "B", new=6))
     run_step(sched)
@@ -232,7 +274,7 @@ def test_an_overdue_request_reserves_what_it_needs_and_the_rest_keeps_running():
     assert ids(out.prefill) == ["a1", "base"] and "b0" in ids(out.decode)
     assert run_step(sched).prefill == [] and run_step(sched).prefill == []  # b0 drains; b1 may not join it
     out = run_step(sched)
-    assert ids(out.prefill) == ["c0"] and out.adapters_to_evict == ["B"]
+    assert ids(out.prefill) == ["c0"] and resident(sched) == {"A", "C"}
     assert sched.waiting[0].request_id == "b1"
 
 
@@ -248,8 +290,8 @@ def test_no_request_starves(policy, max_loras, arrivals, kv):
     """For any arrivals: once a request has waited max_wait_steps, it is admitted within one drain of
     the batch per older waiting request; and everything finishes."""
     wait, longest = 4, 6 + 5  # max_wait_steps; the most tokens a request can hold
-    sched = Scheduler(SchedulerConfig(max_loras=max_loras, max_num_seqs=3, max_num_batched_tokens=12,
-                                      max_total_tokens=kv, policy=policy, max_wait_steps=wait))
+    sched = with_cache(SchedulerConfig(max_loras=max_loras, max_num_seqs=3, max_num_batched_tokens=12,
+                                       max_total_tokens=kv, policy=policy, max_wait_steps=wait))
     arrivals = sorted(enumerate(arrivals), key=lambda a: a[1][0])
     pending = list(arrivals)
     starving_since, admitted = {}, {}

@@ -1,9 +1,17 @@
 """Adapters: PEFT checkpoints → sources (registry) → CPU tier → GPU slots (cache)."""
 
-from .cache import AdapterCache, AdapterEvent, AdapterState, CacheStats
-from .checkpoint import AdapterWeights, ModelModules, ModuleWeights, read_adapter, read_config
+from .cache import AdapterCache
+from .checkpoint import (
+    AdapterWeights,
+    ModelModules,
+    ModuleWeights,
+    files_fingerprint,
+    read_adapter,
+    read_config,
+)
 from .registry import BASE_MODEL, AdapterSource, check_name, read_source
 from .slots import EMPTY, SlotTable
+from .state import AdapterEvent, AdapterState, CacheStats, Hold, not_registered
 
 __all__ = [
     "BASE_MODEL",
@@ -14,10 +22,13 @@ __all__ = [
     "AdapterState",
     "AdapterWeights",
     "CacheStats",
+    "Hold",
     "ModelModules",
     "ModuleWeights",
     "SlotTable",
     "check_name",
+    "files_fingerprint",
+    "not_registered",
     "read_adapter",
     "read_config",
     "read_source",

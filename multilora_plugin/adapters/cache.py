@@ -1,128 +1,49 @@
-"""The adapter cache: disk → CPU LRU (`max_cpu_loras`) → GPU slots (`max_loras`).
+"""The adapter cache: disk → CPU LRU (`max_cpu_loras`) → GPU slots (`max_loras`). It owns residency.
 
-Tiers are inclusive: an adapter in a slot keeps its CPU copy, so a slot can always be rewritten
-(after a hot replace) and the CPU tier never drops what a slot holds. Per adapter the state is
+Contents, not names, live in slots. Every distinct content a name ever holds (a load, a hot replace, a
+read after an unload and a new register, weights from a plugin) gets an id never handed out twice in
+the process; each slot records the id its buffers were written with, `sync()` writes a slot whenever
+the two differ, and a slot whose content was freed is unknown until written again. A re-read of
+unchanged files (`files_fingerprint`) keeps the previous id, so ids stay stable for observers;
+correctness never rests on it, since a re-read only follows a free.
+
+`acquire(names)` holds the current content of each name in its slot until `release(hold)`, even when
+the name is replaced, unloaded or registered again meanwhile: the new content takes another slot, and
+the old one is freed by its last release, so a running request finishes on the weights it started
+with. A replace of a content nobody holds lands in the same slot at the next `sync()`. Tiers are
+inclusive (a content in a slot keeps its CPU copy); only older contents still held may take the CPU
+tier past its bound. Per name the state is
 
     COLD ──► LOADING ──► CPU ◄──► ACTIVE          EVICTING: unloaded while a running batch still
-      ▲                   │                       uses it; freed when the last user releases it
+      ▲                   │                       holds its last content; gone at its release
       └───────────────────┘  (CPU LRU eviction)
 
-and every change is an `AdapterEvent` sent to the listeners.
+and every change is an `AdapterEvent` sent to the listeners. docs/architecture.md has the rules.
 
-Threads: every method may be called from any thread; one lock guards the tables. Disk reads run
-outside the lock, on the thread that needs the adapter or on the prefetch pool, and one adapter is
-read at most once at a time (later callers wait for the same future). The slot buffers are written
-only by `sync()`, which the model calls at the start of each forward, so a placement, replacement or
-unload made by another thread (or by a hook in the middle of a forward) takes effect at the next
-forward and never during one.
+Threads: any method from any thread; one lock guards the tables. Disk reads run outside it, on the
+thread that needs the adapter or on the prefetch pool, one at a time per adapter (later callers wait
+for the same future). Slot buffers are written only by `sync()`, which the model calls at the start of
+each forward, so nothing done meanwhile (by another thread, or a hook) lands during one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import logging
 import threading
-from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import asdict
+from typing import Callable, Collection, Iterable, Optional, Sequence
 
-from ..errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError, CapacityError, MultiLoRAError
+from ..errors import AdapterExistsError, AdapterNotFoundError, CapacityError
 from .checkpoint import AdapterWeights
+from .contents import Content, Entry, new_content_id
+from .reads import Load, Reader, Reads
 from .registry import AdapterSource
 from .slots import EMPTY, SlotTable
+from .state import AdapterState, CacheStats, Counters, EventQueue, Hold, not_registered
 
-logger = logging.getLogger(__name__)
-
-
-class AdapterState(str, enum.Enum):
-    COLD = "cold"  # registered; weights on disk only
-    LOADING = "loading"  # being read from disk
-    CPU = "cpu"  # weights in the CPU tier
-    ACTIVE = "active"  # in a slot (and in the CPU tier)
-    EVICTING = "evicting"  # unloaded, but still in use by a running batch
-
-
-@dataclass(frozen=True)
-class AdapterEvent:
-    name: str
-    old: Optional[AdapterState]  # None: just registered
-    new: Optional[AdapterState]  # None: gone (unloaded)
-    slot: Optional[int] = None  # the slot entered (new ACTIVE) or left (old ACTIVE)
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Memory per tier and counters since the model was wrapped. Bytes are adapter weights (A and
-    scaled B at their real ranks); `slot_buffer_bytes` is what the slot buffers reserve up front."""
-
-    registered: int
-    pinned: int
-    in_use: int  # adapters held by a running batch
-    num_slots: int
-    slots_used: int
-    gpu_bytes: int
-    slot_buffer_bytes: int
-    max_cpu_loras: int
-    cpu_entries: int
-    cpu_bytes: int
-    gpu_hits: int  # adapter lookups by a batch (or a pin) that found it in a slot
-    gpu_misses: int
-    cpu_hits: int  # of the GPU misses: found in the CPU tier
-    cpu_misses: int  # of the GPU misses: read from disk
-    loads: int  # successful disk reads (prefetches included)
-    load_errors: int
-    gpu_evictions: int  # adapters pushed out of a slot to make room
-    cpu_evictions: int  # adapters dropped from the CPU tier to make room
-    slot_swaps: int  # slot writes that changed the adapter a slot holds
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class _Counters:
-    gpu_hits: int = 0
-    gpu_misses: int = 0
-    cpu_hits: int = 0
-    cpu_misses: int = 0
-    loads: int = 0
-    load_errors: int = 0
-    gpu_evictions: int = 0
-    cpu_evictions: int = 0
-    slot_swaps: int = 0
-
-
-@dataclass(eq=False)
-class _Entry:
-    source: AdapterSource
-    weights: Optional[AdapterWeights] = None  # set ⇔ in the CPU tier
-    loading: Optional["_Load"] = None  # set ⇔ a disk read for `source` is running
-    refs: int = 0  # running batches using it; > 0 ⇒ in a slot
-    pinned: bool = False  # ⇒ in a slot
-    unloaded: bool = False  # EVICTING: gone once refs reach 0
-
-
-class _Load(Future):
-    """A disk read of one adapter version; whoever claims it first (the prefetch pool or a thread
-    that needs the adapter now) reads, everybody else waits on it."""
-
-    claimed = False
-
-    def cancel(self) -> bool:  # other callers may be waiting on the same read
-        return False
-
-
-Reader = Callable[[AdapterSource], AdapterWeights]
 Writer = Callable[[Sequence[tuple]], None]  # [(slot, AdapterWeights or None), ...]
-
-
-def not_registered(name: str, known) -> str:
-    """The message for an adapter name that is not among `known`: a few of them, sorted."""
-    known = sorted(known)
-    shown = ", ".join(repr(n) for n in known[:8]) + (", ..." if len(known) > 8 else "")
-    return f"adapter {name!r} is not registered ({len(known)} registered: {shown or 'none'})"
 
 
 class AdapterCache:
@@ -133,88 +54,81 @@ class AdapterCache:
         if max_cpu_loras < num_slots:
             raise ValueError(f"max_cpu_loras ({max_cpu_loras}) should be >= the number of slots ({num_slots})")
         self.max_cpu_loras = max_cpu_loras
-        self.listeners: list = []  # called with each AdapterEvent, outside the lock
-        self._read, self._write = read, write
-        self._slot_buffer_bytes = slot_buffer_bytes
-        self._prefetch_workers = prefetch_workers
-        self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.RLock()
-        self._entries: dict = {}  # name → _Entry, every registered adapter
-        self._cpu: OrderedDict = OrderedDict()  # name → _Entry in the CPU tier, least recently used first
-        self._slots = SlotTable(num_slots)
-        self._written: list = [EMPTY] * num_slots  # what each slot buffer holds: (name, version) or EMPTY
-        self._dirty: dict = {}  # slots whose buffers lag the table (an ordered set)
-        self._counters = _Counters()
-        self._events: deque = deque()
-        self._dispatch_lock = threading.RLock()
+        self._events = EventQueue(self._lock)
+        self.listeners = self._events.listeners  # called with each AdapterEvent, outside the lock
+        self.residency = _ResidencyView(self)  # what the scheduler may ask
+        self._reads, self._write = Reads(read, prefetch_workers), write
+        self._slot_buffer_bytes = slot_buffer_bytes
+        self._entries: dict = {}  # name → Entry, every registered adapter
+        self._cpu: OrderedDict = OrderedDict()  # name → Entry whose content is in memory, least recent first
+        self._live: dict = {}  # content id → Content in memory: current ones, and older ones still held
+        self._slots = SlotTable(num_slots, label=lambda cid: self._live[cid].name)
+        self._counters = Counters()
 
     # registry ---------------------------------------------------------------------------------------
     def register(self, source: AdapterSource, weights: Optional[AdapterWeights] = None, replace: bool = False) -> None:
-        """Add an adapter (COLD, or CPU when its `weights` are given). With `replace`, an adapter of
-        that name gets the new source (its version one higher) and weights in place: a slot holding it
-        is rewritten at the next `sync()`, so a batch using it sees the new weights from its next
-        forward on."""
+        """Add an adapter (COLD, or CPU when its `weights` are given). A name that was unloaded may be
+        registered again at once, even while a batch still holds its old content. With `replace`, an
+        adapter of that name gets the new source (its version one higher) and weights: batches that
+        hold the old content keep it; the others, and every later one, get the new content."""
         if replace and weights is None:
             raise ValueError("replacing an adapter needs its new weights")
+        name = source.name
         with self._lock:
-            entry = self._entries.get(source.name)
-            if entry is not None and entry.unloaded:
-                raise AdapterExistsError(
-                    f"adapter {source.name!r} was unloaded but a running batch still uses it; "
-                    "register it again once that batch has finished"
-                )
+            entry = self._entries.get(name)
             if entry is not None and not replace:
                 raise AdapterExistsError(
-                    f"an adapter named {source.name!r} is already registered (from {entry.source.path!r}); "
+                    f"an adapter named {name!r} is already registered (from {entry.source.path!r}); "
                     "unload it first, pick another name, or pass replace=True"
                 )
             if entry is None:
-                entry = self._entries[source.name] = _Entry(dataclasses.replace(source, version=1))
-                self._emit(source.name, None, AdapterState.COLD)
+                entry = self._entries[name] = Entry(dataclasses.replace(source, version=1))
+                self._events.emit(name, AdapterState.EVICTING if self._older_held(name) else None, AdapterState.COLD)
             else:
-                source = dataclasses.replace(source, version=entry.source.version + 1)
+                entry.source = dataclasses.replace(source, version=entry.source.version + 1)
             old = self._state(entry)
-            entry.source, entry.loading = source, None  # a read of the old version still running is dropped
+            entry.loading = None  # a read of an older source still running is dropped
             if weights is not None:
-                self._admit(entry, weights)
-                slot = self._slots.slot_of(source.name)
-                if slot is not None:
-                    self._dirty[slot] = None
+                self._admit(entry, weights, reread=False)
                 self._trim_cpu()
             self._note(entry, old)
-        self._dispatch()
+        self._events.dispatch()
 
     def unregister(self, name: str) -> None:
-        """Unload: free the slot and the CPU copy now, or, if a running batch uses the adapter, as
-        soon as it releases it (EVICTING until then). New batches cannot use it either way."""
+        """Unload: the name is forgotten now (and may be registered again); its content's slot and CPU
+        copy are freed now, or by the release of the last batch that holds it (EVICTING until then)."""
         with self._lock:
             entry = self._known(name)
             old = self._state(entry)
-            entry.pinned, entry.unloaded, entry.loading = False, True, None
-            if entry.refs == 0:
-                self._free(entry, old)
-            else:
-                self._note(entry, old)
-        self._dispatch()
+            del self._entries[name]
+            self._cpu.pop(name, None)
+            entry.loading, entry.pinned = None, False
+            slot = None
+            if entry.content is not None:
+                slot = self._slots.slot_of(entry.content.id)
+                self._retire(entry.content)
+            self._events.emit(name, old, AdapterState.EVICTING if self._older_held(name) else None, slot)
+        self._events.dispatch()
 
     def evict(self, name: str) -> bool:
         """Drop an adapter's weights from memory (its slot and its CPU copy) now; it stays
         registered (COLD) and is read again when next needed. Refused (False) while a running
-        batch holds it or it is pinned."""
+        batch holds its current content or it is pinned."""
         with self._lock:
             entry = self._known(name)
-            if entry.refs > 0 or entry.pinned:
+            content = entry.content
+            if entry.pinned or (content is not None and content.refs > 0):
                 return False
             old = self._state(entry)
-            slot = self._slots.release(name)
-            if slot is not None:
-                self._dirty[slot] = None
-                self._counters.gpu_evictions += 1
-            if self._cpu.pop(name, None) is not None:
+            if content is not None:
+                self._counters.gpu_evictions += content.id in self._slots
                 self._counters.cpu_evictions += 1
-            entry.weights = None
+                self._cpu.pop(name)
+                entry.content = None
+                self._retire(content)
             self._note(entry, old)
-        self._dispatch()
+        self._events.dispatch()
         return True
 
     def source(self, name: str) -> AdapterSource:
@@ -222,61 +136,67 @@ class AdapterCache:
             return self._known(name).source
 
     def names(self) -> list:
-        """Registered adapters (not unloaded), in registration order."""
+        """Registered adapters, in registration order."""
         with self._lock:
-            return [n for n, e in self._entries.items() if not e.unloaded]
+            return list(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        """Whether `name` is registered (and not unloaded): one dict lookup, no copy."""
-        entry = self._entries.get(name)
-        return entry is not None and not entry.unloaded
+        """Whether `name` is registered: one dict lookup, no copy."""
+        return name in self._entries
 
     def state(self, name: str) -> AdapterState:
         with self._lock:
             entry = self._entries.get(name)
-            if entry is None:
-                raise AdapterNotFoundError(self._unknown(name))
-            return self._state(entry)
+            if entry is not None:
+                return self._state(entry)
+            if self._older_held(name):
+                return AdapterState.EVICTING
+            raise AdapterNotFoundError(self._unknown(name))
 
     def describe(self, name: str) -> tuple:
-        """(source, CPU weights or None, state) of a registered adapter, read at one moment."""
+        """(source, CPU weights or None, state, current content id or None) of a registered
+        adapter, read at one moment."""
         with self._lock:
             entry = self._known(name)
-            return entry.source, entry.weights, self._state(entry)
+            content = entry.content
+            return (entry.source, None if content is None else content.weights, self._state(entry),
+                    None if content is None else content.id)
 
     def weights(self, name: str) -> Optional[AdapterWeights]:
-        """The CPU copy, if it is in memory (without touching the LRU order)."""
+        """The CPU copy of its current content, if it is in memory (without touching the LRU order)."""
         with self._lock:
-            return self._known(name).weights
+            content = self._known(name).content
+            return None if content is None else content.weights
 
     # tiers ------------------------------------------------------------------------------------------
-    def acquire(self, names: Iterable[str]) -> dict:
-        """Give every adapter in `names` a slot, reading from disk what is not in memory, and hold
-        them (never evicted) until `release(names)`. Returns {name: slot}.
+    def acquire(self, names: Iterable[str]) -> Hold:
+        """Give the current content of every adapter in `names` a slot, reading from disk what is
+        not in memory, and hold it there (never evicted, never changed) until `release(hold)`.
 
         Raises `AdapterNotFoundError` (not registered), `AdapterLoadError` / `IncompatibleAdapterError`
         (its files cannot be read or served) or `CapacityError`; then nothing is held.
         """
         return self._bring_in(list(dict.fromkeys(names)), pin=False)
 
-    def release(self, names: Iterable[str]) -> None:
-        """Undo one `acquire(names)`."""
+    def release(self, hold: Hold) -> None:
+        """Undo one `acquire`. A content that is no longer its name's current one is freed by its
+        last release (a pinned adapter's new content then takes over its slot)."""
         with self._lock:
-            for name in dict.fromkeys(names):
-                entry = self._entries.get(name)
-                if entry is None or entry.refs == 0:
-                    raise ValueError(f"release of adapter {name!r}, which is not held")
-                entry.refs -= 1
-                if entry.refs == 0 and entry.unloaded:
-                    self._free(entry, AdapterState.EVICTING)
-        self._dispatch()
+            if hold.released:
+                raise ValueError(f"release of {hold!r}, which was released already")
+            hold.released = True
+            for content in hold.contents:
+                content.refs -= 1
+                if content.refs == 0 and not self._is_current(content):
+                    self._release_older(content)
+        self._events.dispatch()
 
     def pin(self, name: str) -> int:
         """Keep an adapter in a slot (and in the CPU tier) until `unpin`; returns its slot. Pinning
         every slot is refused: one slot at least stays free for the other adapters."""
         with self._lock:
             self._check_pin(self._known(name))
-        return self._bring_in([name], pin=True)[name]
+        return self._bring_in([name], pin=True)
 
     def unpin(self, name: str) -> None:
         with self._lock:
@@ -289,104 +209,90 @@ class AdapterCache:
         with self._lock:
             for name in dict.fromkeys(names):
                 entry = self._known(name)
-                if entry.weights is not None:
+                if entry.content is not None:
                     futures[name] = Future()
-                    futures[name].set_result(entry.weights)
+                    futures[name].set_result(entry.content.weights)
                 elif entry.loading is not None:
                     futures[name] = entry.loading
                 else:
                     futures[name] = self._start_load(entry)
-                    self._executor().submit(self._load, entry, entry.source, futures[name])
-        self._dispatch()
+                    self._reads.submit(self._load, entry, entry.source, futures[name])
+        self._events.dispatch()
         return futures
 
     def sync(self) -> None:
         """Write slots whose buffers lag the table. Called at the start of each forward."""
-        if not self._dirty:
+        if not self._slots.lagging:
             return
         with self._lock:
-            writes, written = [], {}
-            for slot in self._dirty:
-                name = self._slots.contents()[slot]
-                entry = None if name is EMPTY else self._entries[name]
-                held = EMPTY if entry is None else (name, entry.source.version)
-                if held != self._written[slot]:
-                    writes.append((slot, None if entry is None else entry.weights))
-                    written[slot] = held
-            if writes:
-                self._write(writes)  # if this raises, the slots stay dirty and are written next time
-            for slot, held in written.items():
-                before = self._written[slot]
-                if held is not EMPTY and (before is EMPTY or before[0] != held[0]):
-                    self._counters.slot_swaps += 1
-                self._written[slot] = held
-            self._dirty.clear()
+            self._counters.slot_swaps += self._slots.sync(lambda cid: self._live[cid].weights, self._write)
 
     # introspection ----------------------------------------------------------------------------------
     def contents(self) -> tuple:
+        """Slot i → the name of the adapter whose content it holds, or EMPTY."""
+        with self._lock:
+            return tuple(c if c is EMPTY else self._live[c].name for c in self._slots.contents())
+
+    def content_ids(self) -> tuple:
+        """Slot i → the id of the content it holds, or EMPTY."""
         with self._lock:
             return self._slots.contents()
 
     def cpu_names(self) -> list:
-        """Adapters in the CPU tier, least recently used first."""
+        """Adapters with a content in CPU memory, least recently used first (first of all those
+        whose content is an older one, still held by a batch)."""
         with self._lock:
-            return list(self._cpu)
+            older = [c.name for c in self._live.values() if not self._is_current(c)]
+            return list(dict.fromkeys(older + list(self._cpu)))
 
     def stats(self) -> CacheStats:
         with self._lock:
-            entries = list(self._entries.values())
-            in_slots = [self._entries[n] for n in self._slots.contents() if n is not EMPTY]
+            live = list(self._live.values())
+            in_slots = [self._live[c] for c in self._slots.contents() if c is not EMPTY]
             return CacheStats(
-                registered=sum(not e.unloaded for e in entries),
-                pinned=sum(e.pinned for e in entries),
-                in_use=sum(e.refs > 0 for e in entries),
+                registered=len(self._entries),
+                pinned=sum(e.pinned for e in self._entries.values()),
+                in_use=sum(c.refs > 0 for c in live),
                 num_slots=self._slots.num_slots,
                 slots_used=len(in_slots),
-                gpu_bytes=sum(e.weights.num_bytes for e in in_slots),
+                gpu_bytes=sum(c.weights.num_bytes for c in in_slots),
                 slot_buffer_bytes=self._slot_buffer_bytes,
                 max_cpu_loras=self.max_cpu_loras,
-                cpu_entries=len(self._cpu),
-                cpu_bytes=sum(e.weights.num_bytes for e in self._cpu.values()),
+                cpu_entries=len(live),
+                cpu_bytes=sum(c.weights.num_bytes for c in live),
                 **asdict(self._counters),
             )
 
     def close(self) -> None:
         """Stop the prefetch pool (reads already running finish)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self._reads.close()
 
     # internals (the caller holds the lock unless said otherwise) ------------------------------------
-    def _bring_in(self, wanted: list, pin: bool) -> dict:
+    def _bring_in(self, wanted: list, pin: bool):
         """acquire / pin: load what is missing (outside the lock), then place everything at once."""
-        read: dict = {}  # name → weights this call waited for, re-admitted if evicted meanwhile
+        read: dict = {}  # name → (source, weights) this call waited for, admitted if dropped meanwhile
         counted = False
         while True:
             with self._lock:
-                entries = [self._known(n, in_use_ok=not pin) for n in wanted]
+                entries = [self._known(n) for n in wanted]
                 if not counted:
                     self._count_lookups(entries)
                     counted = True
                 for entry in entries:
                     got = read.get(entry.source.name)
-                    if entry.weights is None and got is not None and got[0] is entry.source:
+                    if entry.content is None and got is not None and got[0] is entry.source:
                         old = self._state(entry)
-                        self._admit(entry, got[1])
+                        self._admit(entry, got[1], reread=True)
                         self._note(entry, old)
-                missing = [e for e in entries if e.weights is None]
+                missing = [e for e in entries if e.content is None]
                 if not missing:
                     try:
-                        slots = self._place(entries, pin)
+                        placed = self._place(entries, pin)
                     finally:
                         self._trim_cpu()  # only now: what this call read stays until it is placed
                     break
-                jobs = []
-                for entry in missing:
-                    if entry.loading is None:
-                        jobs.append((entry, entry.source, self._start_load(entry)))
-                    else:
-                        jobs.append((entry, entry.source, entry.loading))
-            self._dispatch()
+                jobs = [(e, e.source, e.loading if e.loading is not None else self._start_load(e)) for e in missing]
+            self._events.dispatch()
             try:
                 for entry, source, future in jobs:
                     self._load(entry, source, future, trim=False)  # returns at once if the pool reads it
@@ -395,22 +301,22 @@ class AdapterCache:
                 with self._lock:
                     self._trim_cpu()
                 raise
-        self._dispatch()
-        return slots
+        self._events.dispatch()
+        return placed
 
     def _count_lookups(self, entries: list) -> None:
         c = self._counters
         for entry in entries:
-            if entry.source.name in self._slots:
+            if entry.content is not None and entry.content.id in self._slots:
                 c.gpu_hits += 1
             else:
                 c.gpu_misses += 1
-                if entry.weights is not None:
+                if entry.content is not None:
                     c.cpu_hits += 1
                 else:
                     c.cpu_misses += 1
 
-    def _check_pin(self, entry: _Entry) -> None:
+    def _check_pin(self, entry: Entry) -> None:
         pinned = sum(e.pinned for e in self._entries.values())
         if not entry.pinned and pinned + 1 >= self._slots.num_slots:
             raise CapacityError(
@@ -419,141 +325,171 @@ class AdapterCache:
                 "first or raise max_loras"
             )
 
-    def _place(self, entries: list, pin: bool) -> dict:
+    def _place(self, entries: list, pin: bool):
+        """Put the current contents of `entries` in slots; pin the one entry, or hold them all."""
         if pin:
             self._check_pin(entries[0])
-        names = [e.source.name for e in entries]
         before = {e.source.name: self._state(e) for e in entries}
-        slots, placed = self._slots.acquire(names, self._protected)
-        for slot, name, evicted in placed:
-            self._dirty[slot] = None
-            if evicted is not EMPTY:
+        slots, placed = self._slots.acquire([e.content.id for e in entries], self._protected)
+        for slot, _, evicted in placed:
+            if evicted is not EMPTY:  # always a current content: an older one in a slot is held
                 self._counters.gpu_evictions += 1
-                self._emit(evicted, AdapterState.ACTIVE, AdapterState.CPU, slot)
+                self._events.emit(self._live[evicted].name, AdapterState.ACTIVE, AdapterState.CPU, slot)
         for entry in entries:
-            self._cpu.move_to_end(entry.source.name)
+            name = entry.source.name
+            self._cpu.move_to_end(name)
             if pin:
                 entry.pinned = True
             else:
-                entry.refs += 1
-            name = entry.source.name
-            self._emit(name, before[name], self._state(entry), slots[name])
-        return slots
+                entry.content.refs += 1
+            self._events.emit(name, before[name], self._state(entry), slots[entry.content.id])
+        if pin:
+            return slots[entries[0].content.id]
+        return Hold({e.source.name: slots[e.content.id] for e in entries},
+                    {e.source.name: e.content.id for e in entries}, [e.content for e in entries])
 
-    def _protected(self, name: str) -> bool:
-        entry = self._entries[name]
-        return entry.pinned or entry.refs > 0
+    def _protected(self, content_id: int) -> bool:
+        content = self._live[content_id]
+        if content.refs > 0:
+            return True
+        entry = self._entries.get(content.name)
+        return entry is not None and entry.pinned and entry.content is content
 
-    def _start_load(self, entry: _Entry) -> _Load:
+    def _start_load(self, entry: Entry) -> Load:
         old = self._state(entry)
-        entry.loading = _Load()
+        entry.loading = Load()
         self._note(entry, old)
         return entry.loading
 
-    def _load(self, entry: _Entry, source: AdapterSource, future: _Load, trim: bool = True) -> None:
+    def _load(self, entry: Entry, source: AdapterSource, future: Load, trim: bool = True) -> None:
         """Read `source` and admit it to the CPU tier if it is still wanted, unless another thread
         claimed the read first. Without `trim` the tier may stay one over its bound until the caller,
         which places the adapter next, trims it. Runs without the lock."""
-        with self._lock:
-            if future.claimed:
-                return
-            future.claimed = True
-        try:
-            weights = self._read(source)
-        except Exception as exc:
-            if not isinstance(exc, MultiLoRAError):
-                exc = AdapterLoadError(f"could not load adapter {source.name!r} from {source.path!r}: {exc!r}")
-            with self._lock:
-                self._counters.load_errors += 1
-                if entry.loading is future:
-                    old = self._state(entry)
-                    entry.loading = None
-                    self._note(entry, old)
-            future.set_exception(exc)
-            self._dispatch()
+        outcome = self._reads.run(source, future)
+        if outcome is None:
             return
+        weights, error = outcome
         with self._lock:
-            self._counters.loads += 1
+            self._counters.loads += error is None
+            self._counters.load_errors += error is not None
             if entry.loading is future:  # not unloaded or replaced while reading
                 old = self._state(entry)
                 entry.loading = None
-                self._admit(entry, weights)
+                if error is None and entry.content is None:  # not admitted meanwhile by a waiter
+                    self._admit(entry, weights, reread=True)
+                    if trim:
+                        self._trim_cpu()
                 self._note(entry, old)
-                if trim:
-                    self._trim_cpu()
-        future.set_result(weights)
-        self._dispatch()
+        if error is None:
+            future.set_result(weights)
+        else:
+            future.set_exception(error)
+        self._events.dispatch()
 
-    def _admit(self, entry: _Entry, weights: AdapterWeights) -> None:
-        entry.weights = weights
+    def _admit(self, entry: Entry, weights: AdapterWeights, reread: bool) -> None:
+        """Make `weights` the current content of `entry`, in the CPU tier. A re-read of files whose
+        fingerprint is that of the latest content keeps its id; anything else is a new content."""
+        last, fingerprint = entry.last_read, weights.fingerprint
+        same = (reread and fingerprint is not None and last is not None and last[:2] == (entry.source, fingerprint)
+                and last[2] not in self._live)
+        content = Content(last[2] if same else new_content_id(), entry.source, weights)
+        entry.last_read = (entry.source, fingerprint, content.id)
+        previous, entry.content = entry.content, content
+        self._live[content.id] = content
         self._cpu[entry.source.name] = entry
         self._cpu.move_to_end(entry.source.name)
+        if previous is not None:
+            self._retire(previous, heir=content)
+
+    def _retire(self, content: Content, heir: Optional[Content] = None) -> None:
+        """`content` stopped being its name's current content. Unless a batch holds it, it leaves
+        memory now, and its slot goes to `heir` (a replace lands in place) or is freed."""
+        if content.refs > 0:
+            return  # freed by its last release
+        slot = self._slots.slot_of(content.id)
+        if slot is not None and heir is not None:
+            self._slots.swap(content.id, heir.id)
+        elif slot is not None:
+            self._slots.release(content.id)
+        del self._live[content.id]
+
+    def _release_older(self, content: Content) -> None:
+        """The last holder of a content that is no longer current let it go."""
+        entry = self._entries.get(content.name)
+        heir = None
+        if entry is not None and entry.pinned and entry.content is not None and entry.content.id not in self._slots:
+            heir = entry.content  # a pinned adapter replaced while held: its new content takes the slot
+        old = None if entry is None else self._state(entry)
+        slot = self._slots.slot_of(content.id)
+        self._retire(content, heir)
+        if entry is not None:
+            self._note(entry, old)
+        elif not self._older_held(content.name):
+            self._events.emit(content.name, AdapterState.EVICTING, None, slot)
 
     def _trim_cpu(self) -> None:
         """Drop least recently used CPU copies that no slot holds until the tier fits."""
-        excess = len(self._cpu) - self.max_cpu_loras
+        excess = len(self._live) - self.max_cpu_loras
         if excess <= 0:
             return
-        for name in [n for n in self._cpu if n not in self._slots][:excess]:
+        droppable = [n for n, e in self._cpu.items() if e.content.id not in self._slots and not e.pinned]
+        for name in droppable[:excess]:
             entry = self._cpu.pop(name)
-            entry.weights = None
+            del self._live[entry.content.id]
+            entry.content = None
             self._counters.cpu_evictions += 1
-            self._emit(name, AdapterState.CPU, AdapterState.COLD)
+            self._events.emit(name, AdapterState.CPU, AdapterState.COLD)
 
-    def _free(self, entry: _Entry, old: AdapterState) -> None:
-        name = entry.source.name
-        slot = self._slots.release(name)
-        if slot is not None:
-            self._dirty[slot] = None
-        self._cpu.pop(name, None)
-        entry.weights = None
-        del self._entries[name]
-        self._emit(name, old, None, slot)
+    def _is_current(self, content: Content) -> bool:
+        entry = self._entries.get(content.name)
+        return entry is not None and entry.content is content
 
-    def _state(self, entry: _Entry) -> AdapterState:
-        if entry.unloaded:
-            return AdapterState.EVICTING
-        if entry.source.name in self._slots:
-            return AdapterState.ACTIVE
-        if entry.weights is not None:
-            return AdapterState.CPU
+    def _older_held(self, name: str) -> bool:
+        """Whether a batch still holds a content of `name` that is no longer its current one."""
+        return any(c.name == name and not self._is_current(c) for c in self._live.values())
+
+    def _state(self, entry: Entry) -> AdapterState:
+        if entry.content is not None:
+            return AdapterState.ACTIVE if entry.content.id in self._slots else AdapterState.CPU
         if entry.loading is not None:
             return AdapterState.LOADING
         return AdapterState.COLD
 
-    def _known(self, name: str, in_use_ok: bool = False) -> _Entry:
+    def _known(self, name: str) -> Entry:
         entry = self._entries.get(name)
-        if entry is None or (entry.unloaded and not (in_use_ok and entry.refs > 0)):
+        if entry is None:
             raise AdapterNotFoundError(self._unknown(name))
         return entry
 
     def _unknown(self, name: str) -> str:
-        return not_registered(name, [n for n, e in self._entries.items() if not e.unloaded])
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._prefetch_workers, thread_name_prefix="multilora-prefetch")
-        return self._pool
+        return not_registered(name, self._entries)
 
     # events -----------------------------------------------------------------------------------------
-    def _note(self, entry: _Entry, old: AdapterState) -> None:
+    def _note(self, entry: Entry, old: AdapterState) -> None:
         new = self._state(entry)
-        self._emit(entry.source.name, old, new, self._slots.slot_of(entry.source.name))
+        slot = None if entry.content is None else self._slots.slot_of(entry.content.id)
+        self._events.emit(entry.source.name, old, new, slot)
 
-    def _emit(self, name: str, old, new, slot: Optional[int] = None) -> None:
-        if old != new:
-            self._events.append(AdapterEvent(name, old, new, slot))
 
-    def _dispatch(self) -> None:
-        """Send queued events to the listeners, in order, outside the lock."""
-        with self._dispatch_lock:
-            while True:
-                with self._lock:
-                    if not self._events:
-                        return
-                    event = self._events.popleft()
-                for listener in list(self.listeners):
-                    try:
-                        listener(event)
-                    except Exception:  # an observer never breaks the cache
-                        logger.exception("adapter event listener %r failed on %s", listener, event)
+class _ResidencyView:
+    """The scheduler's read-only view of the slots (`scheduler.Residency`): it asks, never mirrors."""
+
+    def __init__(self, cache: AdapterCache) -> None:
+        self._cache = cache
+
+    def is_resident(self, name: str) -> bool:
+        cache = self._cache
+        with cache._lock:
+            entry = cache._entries.get(name)
+            return entry is not None and entry.content is not None and entry.content.id in cache._slots
+
+    def fits(self, names: Collection[str]) -> bool:
+        cache = self._cache
+        with cache._lock:
+            needed = set(names)
+            kept = 0  # slots that stay taken whatever is placed: held or pinned contents of other names
+            for cid in cache._slots.contents():
+                if cid is not EMPTY and cache._protected(cid):
+                    content = cache._live[cid]
+                    kept += not (content.name in needed and cache._is_current(content))
+            return kept + len(needed) <= cache._slots.num_slots

@@ -44,6 +44,9 @@ class AdapterWeights:
     path: str
     config: LoraConfig
     modules: Mapping[str, ModuleWeights]  # wrapped module name → weights
+    # what the files looked like when read (`files_fingerprint`); None for weights that came from
+    # elsewhere (a plugin's store) or files that changed while they were read
+    fingerprint: Optional[tuple] = None
 
     @cached_property
     def num_bytes(self) -> int:
@@ -106,6 +109,23 @@ def read_config(path: str) -> LoraConfig:
         if used:
             raise IncompatibleAdapterError(f"adapter at {path!r} uses {what}, which is not supported (found {value!r})")
     return config
+
+
+def files_fingerprint(path: str) -> tuple:
+    """(file, size, mtime, ctime, inode) of the config and weights files in `path`.
+
+    A stat costs nothing next to reading the weights, where a hash would read every byte again;
+    writing a file changes its ctime, which copy tools cannot set back (they can preserve mtime), and
+    an atomic rename changes its inode. Used to tell whether a re-read found the same content.
+    """
+    found = []
+    for file in (CONFIG_NAME, *WEIGHTS_NAMES):
+        try:
+            st = os.stat(os.path.join(path, file))
+        except OSError:
+            continue
+        found.append((file, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(found)
 
 
 def _read_tensors(path: str) -> dict:
@@ -194,6 +214,9 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
                  tensors: Optional[Mapping[str, torch.Tensor]] = None) -> AdapterWeights:
     """Read, validate and scale a PEFT LoRA adapter directory. Raises a `MultiLoRAError` on any problem.
 
+    The weights carry the fingerprint of the files read (see `files_fingerprint`), or None when
+    `tensors` were given or the files changed during the read.
+
     `config`: the adapter's config when it was read already (at registration); the weights are checked
     against it. None: read it from `path`. `tensors`: its PEFT state dict when it comes from elsewhere
     (a plugin's store); None: read the weights file in `path`.
@@ -204,6 +227,7 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
                                     and all(isinstance(t, torch.Tensor) for t in tensors.values())):
         raise AdapterLoadError(f"adapter {name!r}: the weights provided should be a PEFT state dict "
                                f"{{name: tensor}}, but got {type(tensors).__name__}")
+    before = files_fingerprint(path) if tensors is None else None
     pairs = _module_pairs(path, _read_tensors(path) if tensors is None else dict(tensors))
     modules = {}
     for module in sorted(pairs):
@@ -212,4 +236,5 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
         scale = _scaling(config, module, a.shape[0], path)
         dtype = model.dtype or b.dtype
         modules[module] = ModuleWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
-    return AdapterWeights(name=name, path=path, config=config, modules=modules)
+    fingerprint = before if before is not None and files_fingerprint(path) == before else None
+    return AdapterWeights(name=name, path=path, config=config, modules=modules, fingerprint=fingerprint)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional
 
 import pluggy
 
+from ..adapters import AdapterEvent, AdapterState
 from ..errors import AdapterLoadError, MultiLoRAError, PluginError, RequestRejected
 from . import specs
 
@@ -112,6 +113,19 @@ class Plugins:
             except Exception:  # noqa: BLE001 - an observer never stops the engine
                 self.errors[(impl.plugin_name, hook_name)] += 1
                 logger.exception("plugin %r failed in %s", impl.plugin_name, hook_name)
+
+    _TIERS = {AdapterState.CPU: ("cpu",), AdapterState.ACTIVE: ("cpu", "gpu"), AdapterState.EVICTING: ("cpu", "gpu")}
+
+    def adapter_event(self, event: AdapterEvent) -> None:
+        """A cache listener: each state change → `multilora_adapter_loaded` / `multilora_adapter_evicted`, per tier."""
+        old, new = self._TIERS.get(event.old, ()), self._TIERS.get(event.new, ())
+        for tier in ("gpu", "cpu"):
+            if tier in old and tier not in new:
+                self.notify("multilora_adapter_evicted", name=event.name, tier=tier)
+        for tier in ("cpu", "gpu"):
+            if tier in new and tier not in old:
+                self.notify("multilora_adapter_loaded", name=event.name, tier=tier,
+                            slot=event.slot if tier == "gpu" else None)
 
     # decisions --------------------------------------------------------------------------------------
     def request_received(self, request: Any) -> None:

@@ -103,8 +103,8 @@ def engine_samples(engine, in_flight: Optional[Callable[[], int]] = None) -> Ite
                             "answer (cpu misses read the disk).", ("tier",)),
                  ((("gpu",), stats.gpu_misses), (("cpu",), stats.cpu_misses)))
     yield one("counter", "multilora_slot_swaps", "Slot buffers rewritten with another adapter.", stats.slot_swaps)
-    yield one("counter", "multilora_adapter_swaps", "Times the scheduler replaced an adapter in a full set of "
-              "slots.", stats.adapter_swaps)
+    yield one("counter", "multilora_adapter_swaps", "Times an adapter was pushed out of its slot (to make room, "
+              "or evicted).", stats.adapter_swaps)
     yield one("counter", "multilora_preemptions", "Requests preempted (to resume later).", stats.preemptions)
     yield one("counter", "multilora_steps", "Engine steps run.", stats.steps)
 

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import CompletionOutput, RequestOutput
 from ..errors import InvalidRequestError
+from ..outputs import CompletionOutput, RequestOutput
 from ..sampling import SamplingParams
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100

@@ -41,8 +41,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..adapters import AdapterState
-from ..adapters.cache import not_registered
+from ..adapters import AdapterState, not_registered
+from ..async_engine import AsyncEngine
 from ..errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -53,7 +53,6 @@ from ..errors import (
 from ..hooks import hookimpl
 from ..hooks.builtin import AdapterDirectory
 from ..sampling import SamplingParams
-from .async_engine import AsyncEngine
 from .engine_args import EngineArgs, parse_adapter
 from .metrics import LATENCY_BUCKETS, REQUEST_METRICS, engine_samples, finished_request_samples
 from .server import GenerationFailed, create_app, describe_model

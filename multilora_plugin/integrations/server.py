@@ -32,11 +32,17 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
-from ..engine import Engine, RequestOutput
+from ..async_engine import AsyncEngine, RequestStream
+from ..engine import Engine
 from ..errors import (
     AdapterExistsError,
     AdapterLoadError,
@@ -49,10 +55,10 @@ from ..errors import (
     RequestRejected,
     UnavailableError,
 )
+from ..outputs import RequestOutput
 from ..sampling import SamplingParams
 from ..wrap import BASE_MODEL
 from . import protocol
-from .async_engine import AsyncEngine, RequestStream
 from .metrics import EngineMetrics
 from .protocol import (
     ChatCompletionRequest,

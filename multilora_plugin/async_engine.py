@@ -19,8 +19,9 @@ import logging
 import threading
 from typing import Any, AsyncIterator, Dict, List, Optional, Set
 
-from ..engine import Engine, RequestOutput
-from ..errors import ConfigError, InvalidRequestError, OverloadedError
+from .engine import Engine
+from .errors import ConfigError, InvalidRequestError, OverloadedError
+from .outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
