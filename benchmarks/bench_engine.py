@@ -62,8 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 import multilora_plugin
-from multilora_plugin import toy
-from multilora_plugin.engine import Engine
+from multilora_plugin import Engine, toy
 from multilora_plugin.sampling import SamplingParams
 from multilora_plugin.scheduler import POLICIES
 
@@ -388,6 +387,7 @@ def summarize(rounds: List[RunResult], workload: List[TraceRequest]) -> dict:
         for key in ("adapter_swaps", "slot_swaps", "gpu_misses", "cpu_misses", "disk_loads", "preemptions", "steps"):
             summary[key] = median(lambda run: run.stats[key])
         summary["engine_generated_tokens"] = median(lambda run: run.stats["generated_tokens"])
+        summary["ms_per_step"] = median(lambda run: 1000 * run.seconds / max(run.stats["steps"], 1))
     return summary
 
 
@@ -493,17 +493,19 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
     lines += ["", "Ratios: the median over rounds of the ratio within a round. Engine steps against the fewest "
                   "possible with max_loras slots when all requests arrive at once (sum over adapters of their "
                   "longest output / max_loras; the no-adapter engine's steps bound it too):", "",
-              "| n | engine steps | no-adapter steps | slot-time bound | engine steps / bound |",
-              "|---:|---:|---:|---:|---:|"]
+              "| n | engine steps | no-adapter steps | slot-time bound | engine steps / bound | "
+              "engine ms / step | no-adapter ms / step |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         c = p["contestants"]
+        per_step = f"| {fmt(c['engine'].get('ms_per_step'), '.2f')} | {fmt(c['no-adapter'].get('ms_per_step'), '.2f')} |"
         if p["slot_bound_steps"] is None:
             lines.append(f"| {p['n']} | {fmt(c['engine'].get('steps'), '.0f')} | "
-                         f"{fmt(c['no-adapter'].get('steps'), '.0f')} | — (requests arrive over time) | — |")
+                         f"{fmt(c['no-adapter'].get('steps'), '.0f')} | — (requests arrive over time) | — " + per_step)
             continue
         bound = max(p["slot_bound_steps"], c["no-adapter"].get("steps") or 0)
         lines.append(f"| {p['n']} | {fmt(c['engine'].get('steps'), '.0f')} | {fmt(c['no-adapter'].get('steps'), '.0f')} "
-                     f"| {bound:.0f} | {c['engine']['steps'] / bound:.2f} |")
+                     f"| {bound:.0f} | {c['engine']['steps'] / bound:.2f} " + per_step)
     lines += ["", "| n | contestant | seconds | tok/s | mean latency s | p99 latency s | mean TTFT s | p99 TTFT s | "
                   "adapter swaps | slot swaps | slot misses | not in CPU | disk reads | preemptions |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -516,7 +518,7 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
                 f"{fmt(s['p99_latency_s'])} | {fmt(s['mean_ttft_s'])} | {fmt(s['p99_ttft_s'])} | "
                 + " | ".join(counts) + " |"
             )
-    lines += ["", "adapter swaps: the scheduler replaced a resident adapter; slot swaps: slot buffers rewritten; "
+    lines += ["", "adapter swaps: an adapter pushed out of its slot; slot swaps: slot buffers rewritten; "
                   "slot misses: cache lookups not answered from a slot; not in CPU: of those, not yet read from "
                   "disk when needed; disk reads: adapter reads from disk, prefetches included", ""]
     for p in points:
