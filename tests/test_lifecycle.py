@@ -236,6 +236,7 @@ def test_thousand_adapters_in_bounded_memory(llama_kit, thousand):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory and the copy stream need a GPU")
 def test_cuda_slots_fill_from_pinned_memory_on_a_side_stream(llama_kit):
     model = multilora_plugin.wrap(llama_kit.fresh().cuda(), max_loras=2)

@@ -84,6 +84,7 @@ def test_wrappers_refuse_bad_inputs():
                     tokens.index, tokens.seg_slots, tokens.seg_starts, tokens.seg_lens, tokens.max_segment_len)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_captures_and_replays_a_decode_step():
     """Capture one patched layer's decode step, then replay it on new inputs."""

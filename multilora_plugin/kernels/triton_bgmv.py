@@ -7,6 +7,8 @@ reduction over `split_k` programs, which add into `h` atomically.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -99,7 +101,8 @@ def _check_token_slots(token_slots: torch.Tensor, num_tokens: int, device: torch
         )
 
 
-def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor, token_slots: torch.Tensor,
+                cfg: Optional[tuning.LaunchConfig] = None) -> torch.Tensor:
     """Semantics:
       h[i, :r] = x[i] @ lora_a[s, :r].T      for every i with s = token_slots[i] >= 0, r = lora_ranks[s]
       h[i, :]  = 0                           everywhere else
@@ -108,6 +111,7 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor,
       lora_a:      [S, R, in]
       lora_ranks:  [S] int32
       token_slots: [T] int32, -1 = no adapter
+      cfg:         the launch config (default: `tuning`'s for these sizes)
     Returns:
       h: [T, R] float32
     """
@@ -116,7 +120,7 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor,
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
         return h
-    cfg = tuning.bgmv_shrink_config(x.shape[0], lora_a.shape[1], x.shape[1])
+    cfg = cfg or tuning.bgmv_shrink_config(x.shape[0], lora_a.shape[1], x.shape[1])
     grid = (x.shape[0], cfg.split_k)
     _bgmv_shrink_kernel[grid](
         x, lora_a, h, lora_ranks, token_slots,
@@ -125,13 +129,13 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor,
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         h.stride(0), h.stride(1),
         BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
 
 def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, lora_ranks: torch.Tensor,
-                token_slots: torch.Tensor) -> None:
+                token_slots: torch.Tensor, cfg: Optional[tuning.LaunchConfig] = None) -> None:
     """Semantics:
       y[i] += h[i, :r] @ lora_b[s, :, :r].T   for every i with s = token_slots[i] >= 0, r = lora_ranks[s]
     Args:
@@ -145,7 +149,7 @@ def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, lora_ran
     _check_token_slots(token_slots, y.shape[0], y.device)
     if y.shape[0] == 0:
         return
-    cfg = tuning.bgmv_expand_config(y.shape[0], lora_b.shape[2], y.shape[1])
+    cfg = cfg or tuning.bgmv_expand_config(y.shape[0], lora_b.shape[2], y.shape[1])
     grid = (y.shape[0], triton.cdiv(y.shape[1], cfg.block_n))
     _bgmv_expand_kernel[grid](
         h, lora_b, y, lora_ranks, token_slots,
@@ -154,5 +158,5 @@ def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, lora_ran
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -12,6 +12,8 @@ operands (triton-lang/triton#11584). GPU launches keep half-precision tensor-cor
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -123,6 +125,7 @@ def _check_segments(index, seg_slots, seg_starts, seg_lens, device) -> None:
 def sgmv_shrink(
     x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor, index: torch.Tensor,
     seg_slots: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor, max_segment_len: int,
+    cfg: Optional[tuning.LaunchConfig] = None,
 ) -> torch.Tensor:
     """Semantics:
       h[index[p], :r] = x[index[p]] @ lora_a[s, :r].T   for p in segment g, s = seg_slots[g], r = lora_ranks[s]
@@ -134,6 +137,7 @@ def sgmv_shrink(
       index:      [Ta] int32, tokens grouped by segment
       seg_slots, seg_starts, seg_lens: [G] int32, segment g = index[seg_starts[g] : seg_starts[g] + seg_lens[g]]
       max_segment_len: max(seg_lens), sizes the launch grid
+      cfg:        the launch config (default: `tuning`'s for these sizes)
     Returns:
       h: [T, R] float32
     """
@@ -142,7 +146,7 @@ def sgmv_shrink(
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
     if seg_slots.shape[0] == 0 or max_segment_len == 0:
         return h
-    cfg = tuning.sgmv_shrink_config(max_segment_len, lora_a.shape[1], x.shape[1])
+    cfg = cfg or tuning.sgmv_shrink_config(max_segment_len, lora_a.shape[1], x.shape[1])
     grid = (seg_slots.shape[0], triton.cdiv(max_segment_len, cfg.block_m))
     _sgmv_shrink_kernel[grid](
         x, lora_a, h, lora_ranks, index, seg_slots, seg_starts, seg_lens,
@@ -152,7 +156,7 @@ def sgmv_shrink(
         h.stride(0), h.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, DOT_PRECISION=dot_precision(x.dtype),
         DOT_FP32=interpreted(x),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
@@ -160,6 +164,7 @@ def sgmv_shrink(
 def sgmv_expand(
     y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, lora_ranks: torch.Tensor, index: torch.Tensor,
     seg_slots: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor, max_segment_len: int,
+    cfg: Optional[tuning.LaunchConfig] = None,
 ) -> None:
     """Semantics:
       y[index[p]] += h[index[p], :r] @ lora_b[s, :, :r].T   for p in segment g, s = seg_slots[g], r = lora_ranks[s]
@@ -173,7 +178,7 @@ def sgmv_expand(
     _check_segments(index, seg_slots, seg_starts, seg_lens, y.device)
     if seg_slots.shape[0] == 0 or max_segment_len == 0:
         return
-    cfg = tuning.sgmv_expand_config(max_segment_len, lora_b.shape[2], y.shape[1])
+    cfg = cfg or tuning.sgmv_expand_config(max_segment_len, lora_b.shape[2], y.shape[1])
     grid = (seg_slots.shape[0], triton.cdiv(max_segment_len, cfg.block_m), triton.cdiv(y.shape[1], cfg.block_n))
     _sgmv_expand_kernel[grid](
         h, lora_b, y, lora_ranks, index, seg_slots, seg_starts, seg_lens,
@@ -183,5 +188,5 @@ def sgmv_expand(
         y.stride(0), y.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, DOT_PRECISION=dot_precision(lora_b.dtype),
         DOT_FP32=interpreted(y),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
