@@ -28,6 +28,8 @@ GPU contestants (bf16, only when CUDA is available; meant for a GPU machine, not
   triton      `TritonBackend().add_lora` (the BGMV kernels; the warm-up compiles them)
   ours        `TorchBackend().add_lora` on the GPU; `lora_ranks` stays on the GPU as in the model, so
               each call syncs once to read the ranks
+  gather_bmm  as on CPU
+`--contestants` replaces either list (the GPU kit's dry run runs `triton` on CPU, interpreted).
 
 Timing: each contestant is warmed up, then timed in blocks of calls sized to about a tenth of
 `--min-time`; the contestants' blocks are interleaved round by round until each one has run for
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import math
 import shlex
@@ -94,7 +97,7 @@ class Suite:
 
 
 CPU_SUITE = Suite("cpu", torch.float32, ("ours", "peft_loop", "gather_bmm"), 1e-3)
-CUDA_SUITE = Suite("cuda", torch.bfloat16, ("triton", "ours"), 3e-2)
+CUDA_SUITE = Suite("cuda", torch.bfloat16, ("triton", "ours", "gather_bmm"), 3e-2)
 
 
 def parse_shape(text: str) -> Tuple[int, int]:
@@ -121,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so there is no padding past the rank")
     p.add_argument("--devices", nargs="+", choices=("cpu", "cuda"), default=None,
                    help="default: cpu, plus cuda when it is available")
+    p.add_argument("--contestants", nargs="+", choices=("ours", "triton", "peft_loop", "gather_bmm"), default=None,
+                   help="replace each device's contestants (the first is measured against the others); 'triton' "
+                        "on CPU needs TRITON_INTERPRET=1, as the GPU kit's dry run does")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of timed calls per contestant (default 0.2)")
     p.add_argument("--max-reps", type=int, default=10000, help="at most this many timed calls per contestant")
     p.add_argument("--warmup", type=int, default=3, help="unreported calls per contestant first (default 3)")
@@ -462,6 +468,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     malloc = "default" if args.default_malloc or not steady_malloc() else "steady"
     suites = [CPU_SUITE if d == "cpu" else CUDA_SUITE for d in args.devices]
+    if args.contestants:
+        suites = [dataclasses.replace(s, contestants=tuple(dict.fromkeys(args.contestants))) for s in suites]
     results, summaries, out = [], {}, []
     with torch.inference_mode():
         for suite in suites:
