@@ -213,23 +213,34 @@ def running_server(app):
         thread.join(timeout=30)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Load the model and adapters, then serve them (uvicorn, or Ray Serve with --ray) until interrupted."""
+    """Load the model and adapters, then serve them (uvicorn, or Ray Serve with --ray) until
+    interrupted. SIGTERM (how process managers and container runtimes stop a server) ends it the way
+    Ctrl-C does: uvicorn shuts down gracefully, then raises the signal it caught again, which this
+    handler turns into KeyboardInterrupt, so the engine is closed and temporary files removed."""
     from .integrations.engine_args import EngineArgs
 
-    engine_args = EngineArgs.from_cli_args(args)
+    signal.signal(signal.SIGTERM, _interrupt)
     keep = None
-    if engine_args.model is None:  # the demo's tiny model and adapters
-        from multilora_plugin import toy
-
-        keep = tempfile.TemporaryDirectory(prefix="multilora-serve-")
-        print("no --model given: serving the demo's tiny Llama and its adapters", ", ".join(DEMO_ADAPTERS))
-        engine_args.adapters = {**toy.demo_adapters(toy.demo_model(), keep.name), **engine_args.adapters}
     try:
+        engine_args = EngineArgs.from_cli_args(args)
+        if engine_args.model is None:  # the demo's tiny model and adapters
+            from multilora_plugin import toy
+
+            keep = tempfile.TemporaryDirectory(prefix="multilora-serve-")
+            print("no --model given: serving the demo's tiny Llama and its adapters", ", ".join(DEMO_ADAPTERS))
+            engine_args.adapters = {**toy.demo_adapters(toy.demo_model(), keep.name), **engine_args.adapters}
         return _serve_ray(engine_args, args) if args.ray else _serve_local(engine_args, args)
+    except KeyboardInterrupt:
+        return 0
     finally:
         if keep is not None:
             keep.cleanup()
+        print("multilora serve: stopped", flush=True)
 
 
 def _serve_local(engine_args, args: argparse.Namespace) -> int:
@@ -247,6 +258,7 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.close()
+        print("engine closed", flush=True)
     return 0
 
 
@@ -264,12 +276,7 @@ def _serve_ray(engine_args, args: argparse.Namespace) -> int:
     serve.run(app, name="multilora", route_prefix="/")
     print(f"serving {engine_args.model_name!r} on {args.replicas} Ray Serve replica(s) at "
           f"http://{args.host}:{args.port} (Ctrl-C stops)")
-
-    def stop(signum, frame):  # SIGTERM (a service manager, a container stop) as Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
+    try:  # until Ctrl-C or SIGTERM (see `serve`)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -74,3 +74,40 @@ def test_serve_refuses_a_bad_adapter_argument(capsys):
 def test_a_command_is_required():
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_shuts_down_the_same_way_on_sigterm_and_ctrl_c(tmp_path, sig):
+    """`kill PID` (how process managers stop a server) and Ctrl-C both close the engine and remove
+    the demo adapters' temporary directory; the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = cli.free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "multilora_plugin.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert any(p.name.startswith("multilora-serve-") for p in tmp_path.iterdir())
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "engine closed" in out and "multilora serve: stopped" in out, out
+    assert not any(p.name.startswith("multilora-serve-") for p in tmp_path.iterdir()), list(tmp_path.iterdir())
