@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import os
 import signal
 import sys
 import tempfile
@@ -243,6 +244,14 @@ def serve(args: argparse.Namespace) -> int:
         print("multilora serve: stopped", flush=True)
 
 
+def _access(args: argparse.Namespace):
+    from .integrations.access import AccessPolicy
+
+    return AccessPolicy(api_key=args.api_key or os.environ.get("MULTILORA_API_KEY") or None,
+                        allow_runtime_lora_updates=args.allow_runtime_lora_updates,
+                        adapter_roots=tuple(args.adapter_root), max_request_chars=args.max_request_chars)
+
+
 def _serve_local(engine_args, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -251,7 +260,7 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
     print(f"loading {engine_args.model or 'the demo model'} ...")
     engine = engine_args.build()
     app = create_app(engine, served_model_name=engine_args.model_name,
-                     max_concurrent_requests=args.max_concurrent_requests)
+                     max_concurrent_requests=args.max_concurrent_requests, access=_access(args))
     print(f"serving {engine_args.model_name!r} with {len(engine.model.adapter_cache.names())} adapters, "
           f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port}")
     try:
@@ -271,8 +280,11 @@ def _serve_ray(engine_args, args: argparse.Namespace) -> int:
 
     ray.init(address=args.ray_address, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
+    access = dataclasses.asdict(_access(args))
+    access.pop("max_request_bytes")
     app = build_app({**dataclasses.asdict(engine_args), "replicas": args.replicas, "replica_cpus": args.replica_cpus,
-                     "replica_gpus": args.replica_gpus, "max_concurrent_requests": args.max_concurrent_requests})
+                     "replica_gpus": args.replica_gpus, "max_concurrent_requests": args.max_concurrent_requests,
+                     **access, "adapter_roots": list(access["adapter_roots"])})
     serve.run(app, name="multilora", route_prefix="/")
     print(f"serving {engine_args.model_name!r} on {args.replicas} Ray Serve replica(s) at "
           f"http://{args.host}:{args.port} (Ctrl-C stops)")
@@ -306,6 +318,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs reserved per replica")
     server.add_argument("--replica-gpus", type=float, default=None,
                         help="with --ray: GPUs per replica (default: 1 when the device is cuda)")
+    server.add_argument("--allow-runtime-lora-updates", action="store_true",
+                        help="let clients load adapters (/v1/load_lora_adapter, load_inplace to replace) and unload "
+                             "the ones they loaded; off by default")
+    server.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                        help="with --allow-runtime-lora-updates: the only directories runtime loads may read "
+                             "(repeatable; relative lora_path values are taken against the first)")
+    server.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on every route but /health and /metrics "
+                             "(default: $MULTILORA_API_KEY, else none)")
+    server.add_argument("--max-request-chars", type=int, default=1_000_000,
+                        help="longest prompt or chat, in characters, before it is tokenized (413 above)")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--log-level", default="info")

@@ -20,6 +20,7 @@ from peft.utils import load_peft_weights
 import multilora_plugin
 from multilora_plugin import AdapterState, Engine, SamplingParams, hookimpl, toy
 from multilora_plugin.cli import running_server
+from multilora_plugin.integrations.access import AccessPolicy
 from multilora_plugin.integrations.server import create_app
 
 VOCAB = 128
@@ -322,7 +323,6 @@ def test_running_requests_finish_on_their_version(kit, change):
 # HTTP -----------------------------------------------------------------------------------------------------
 def test_http_unload_then_load_under_the_same_name(kit):
     model = kit.wrapped(max_loras=2)
-    model.load_adapter("x", kit.paths["A"])
     engine = Engine(model, kit.tokenizer, load_entrypoints=False)
     prompt = kit.tokenizer.decode(PROMPT)
     prompt_ids = kit.tokenizer.encode(prompt)
@@ -339,12 +339,13 @@ def test_http_unload_then_load_under_the_same_name(kit):
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["text"]
 
-    with running_server(create_app(engine, served_model_name="tiny")) as url:
-        for name in ("A", "B", "C"):
+    with running_server(create_app(engine, served_model_name="tiny",
+                                   access=AccessPolicy(allow_runtime_lora_updates=True))) as url:
+        for name in ("A", "B", "C"):  # loaded at runtime: the clients' to unload and load again
             if name != "A":
                 assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
-                r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": kit.paths[name]})
-                assert r.status_code == 200, r.text
+            r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": kit.paths[name]})
+            assert r.status_code == 200, r.text
             want = kit.tokens(name, prompt_ids)
             assert tgi_tokens(url) == want, name
             assert completion(url).strip() == kit.tokenizer.decode(want, skip_special_tokens=True), name

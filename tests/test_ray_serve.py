@@ -27,6 +27,7 @@ from ray import serve  # noqa: E402
 
 from multilora_plugin import LLM, LoRARequest, SamplingParams, toy  # noqa: E402
 from multilora_plugin.cli import free_port, running_server  # noqa: E402
+from multilora_plugin.integrations.access import AccessPolicy  # noqa: E402
 from multilora_plugin.integrations.engine_args import EngineArgs  # noqa: E402
 from multilora_plugin.integrations.ray_serve import RayServeArgs, build_app  # noqa: E402
 from multilora_plugin.integrations.server import create_app  # noqa: E402
@@ -85,7 +86,8 @@ def cluster(tmp_path_factory):
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({**cluster.args, "replicas": 2}), name="multilora", route_prefix="/")
+        serve.run(build_app({**cluster.args, "replicas": 2, "allow_runtime_lora_updates": True}), name="multilora",
+                  route_prefix="/")
         cluster.url = f"http://127.0.0.1:{port}"
         yield cluster
     finally:
@@ -242,7 +244,8 @@ def test_adapter_errors_match_the_single_process_server(cluster):
         ("/v1/load_lora_adapter", {"lora_name": "a01", "lora_path": cluster.paths["a01"]}),
         ("/v1/unload_lora_adapter", {"lora_name": "missing"}),
     ]
-    with running_server(create_app(engine, served_model_name="tiny")) as local:
+    with running_server(create_app(engine, served_model_name="tiny",
+                                   access=AccessPolicy(allow_runtime_lora_updates=True))) as local:
         for route, body in bodies:
             want = httpx.post(local + route, json=body, timeout=60)
             got = httpx.post(cluster.url + route, json=body, timeout=60)

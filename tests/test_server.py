@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import multilora_plugin
 from multilora_plugin import LLM, LoRARequest, SamplingParams, toy
 from multilora_plugin.cli import running_server
+from multilora_plugin.integrations.access import AccessPolicy
 from multilora_plugin.integrations.server import create_app
 
 VOCAB = 128
@@ -88,7 +89,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     served = Served(tmp_path_factory.mktemp("server-adapters"))
-    app = create_app(served.engine, served_model_name="tiny")
+    app = create_app(served.engine, served_model_name="tiny", access=AccessPolicy(allow_runtime_lora_updates=True))
     served.app_server = app.state.server
     with running_server(app) as url:
         served.url = url
@@ -289,32 +290,34 @@ def test_32_concurrent_streaming_clients(served):
 def test_load_and_unload_while_serving(served):
     client = _openai(served)
     prompt = PROMPTS[2]
-    ids, text, _ = served.offline("chat", prompt, 60)
-    stream = iter(client.completions.create(model="chat", prompt=prompt, max_tokens=60, temperature=0, stream=True))
-    pieces = [next(stream).choices[0].text]
+    with pytest.raises(NotFoundError):
+        client.completions.create(model="late", prompt=prompt, max_tokens=4, temperature=0)
+    r = httpx.post(served.url + "/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": served.paths["late"]})
+    assert r.status_code == 200, r.text
     try:
-        with pytest.raises(NotFoundError):
-            client.completions.create(model="late", prompt=prompt, max_tokens=4, temperature=0)
-        r = httpx.post(served.url + "/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": served.paths["late"]})
-        assert r.status_code == 200, r.text
         out = client.completions.create(model="late", prompt=prompt, max_tokens=6, temperature=0)
         assert out.choices[0].text == served.offline("late", prompt, 6)[1]
         # unloading an adapter lets its running request finish, then it is gone
-        r = httpx.post(served.url + "/v1/unload_lora_adapter", json={"lora_name": "chat"})
+        ids, text, _ = served.offline("late", prompt, 60)
+        stream = iter(client.completions.create(model="late", prompt=prompt, max_tokens=60, temperature=0,
+                                                stream=True))
+        pieces = [next(stream).choices[0].text]
+        r = httpx.post(served.url + "/v1/unload_lora_adapter", json={"lora_name": "late"})
         assert r.status_code == 200, r.text
         pieces += [c.choices[0].text for c in stream]
         assert "".join(pieces) == text
-        assert "chat" not in {m.id for m in client.models.list()}
+        assert "late" not in {m.id for m in client.models.list()}
         with pytest.raises(NotFoundError) as caught:
-            client.completions.create(model="chat", prompt=prompt, max_tokens=4)
+            client.completions.create(model="late", prompt=prompt, max_tokens=4)
         assert "not registered" in caught.value.body["message"]
         # errors of the adapter routes
         r = httpx.post(served.url + "/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": served.paths["late"]})
         assert r.status_code == 400 and "sql" in r.json()["error"]["message"]
-        r = httpx.post(served.url + "/v1/unload_lora_adapter", json={"lora_name": "chat"})
+        r = httpx.post(served.url + "/v1/unload_lora_adapter", json={"lora_name": "late"})
         assert r.status_code == 404
+        r = httpx.post(served.url + "/v1/unload_lora_adapter", json={"lora_name": "chat"})  # the operator's
+        assert r.status_code == 403
     finally:
-        httpx.post(served.url + "/v1/load_lora_adapter", json={"lora_name": "chat", "lora_path": served.paths["chat"]})
         httpx.post(served.url + "/v1/unload_lora_adapter", json={"lora_name": "late"})
     assert client.completions.create(model="chat", prompt=prompt, max_tokens=5, temperature=0).choices[0].text == \
         served.offline("chat", prompt, 5)[1]
@@ -348,13 +351,19 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -1}, 400),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400),
     ("/v1/completions", {"model": "tiny", "prompt": ["hi"] * 65}, 400),
-    ("/v1/completions", {"model": "tiny", "prompt": "hi", "frequency_penalty": 0.5}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "frequency_penalty": 0.5}, 422),  # unsupported: 422
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_k": -2}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "repetition_penalty": 0}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": True}, 422),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": False}, 422),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": True}, 422),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": True}}, 422),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "hi"}]}, 422),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                              "tools": [{"type": "function"}]}, 400),
+                              "tools": [{"type": "function"}]}, 422),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-     400),
+     422),
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"}, 400),
     ("/v1/load_lora_adapter", {"lora_name": "x"}, 422),
     ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404),

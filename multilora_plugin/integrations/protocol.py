@@ -19,20 +19,26 @@ import random
 import time
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import InvalidRequestError
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling import SamplingParams
+from .access import utf8_problem
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
 MAX_STOP_SEQUENCES = 16
 
 
+class UnsupportedOption(InvalidRequestError):
+    """The request asks for a feature this server does not implement (HTTP 422 on both APIs, as TGI's
+    schema answers for its own unsupported parameters)."""
+
+
 def _unsupported(name: str, value: Any, allowed: Any) -> None:
     if value is not None and value != allowed:
-        raise InvalidRequestError(f"`{name}` is not supported by this server (expected {allowed!r} or nothing, "
-                                  f"but got {value!r})")
+        raise UnsupportedOption(f"`{name}` is not supported by this server (expected {allowed!r} or nothing, "
+                                f"but got {value!r})")
 
 
 def _stops(stop: Union[str, List[str], None]) -> List[str]:
@@ -46,8 +52,26 @@ def _random_seed() -> int:
     return random.SystemRandom().getrandbits(63)
 
 
+class _Body(BaseModel):
+    """A request body: text in it must be valid Unicode (JSON can carry a lone UTF-16 surrogate, which no
+    tokenizer and no UTF-8 response can hold), refused with a 422 that says where."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        problem = utf8_problem(data)
+        if problem:
+            raise ValueError(problem)
+        if isinstance(data, dict):  # JSON true / false is no number (pydantic's lax mode would take it for 1 / 0)
+            for name, field in cls.model_fields.items():
+                kind = repr(field.annotation)
+                if isinstance(data.get(name), bool) and ("int" in kind or "float" in kind) and "bool" not in kind:
+                    raise ValueError(f"`{name}` should be a number, but got {str(data[name]).lower()}")
+        return data
+
+
 # TGI --------------------------------------------------------------------------------------------------
-class TGIParameters(BaseModel):
+class TGIParameters(_Body):
     """TGI's `parameters`. Options this server does not implement accept only their neutral value,
     so the schema says what is served (others get a 422 that names the field)."""
 
@@ -72,7 +96,7 @@ class TGIParameters(BaseModel):
     watermark: Literal[False] = False
 
 
-class TGIRequest(BaseModel):
+class TGIRequest(_Body):
     inputs: str
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
@@ -201,7 +225,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAIBase(BaseModel):
+class _OpenAIBase(_Body):
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as OpenAI does
 
     model: str
@@ -229,6 +253,10 @@ class _OpenAIBase(BaseModel):
         _unsupported("logit_bias", self.logit_bias or None, None)
         if not 1 <= self.n <= 16:
             raise InvalidRequestError(f"`n` should be between 1 and 16, but got {self.n!r}")
+        if self.top_k is not None and self.top_k < -1:
+            raise InvalidRequestError(f"`top_k` should be -1 (off), 0 (off) or positive, but got {self.top_k}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise InvalidRequestError(f"`repetition_penalty` should be > 0, but got {self.repetition_penalty}")
         if max_tokens is None:
             max_tokens = 16 if room is None else max(1, room)
         return SamplingParams(
@@ -301,7 +329,7 @@ class ChatCompletionRequest(_OpenAIBase):
             if isinstance(content, list):
                 kinds = {part.type for part in content} - {"text"}
                 if kinds:
-                    raise InvalidRequestError(f"only text content parts are supported, but got {sorted(kinds)}")
+                    raise UnsupportedOption(f"only text content parts are supported, but got {sorted(kinds)}")
                 content = "".join(part.text or "" for part in content)
             out.append({"role": message.role, "content": content or ""})
         return out
@@ -310,7 +338,7 @@ class ChatCompletionRequest(_OpenAIBase):
         _unsupported("tools", self.tools or None, None)
         _unsupported("tool_choice", self.tool_choice if self.tool_choice != "none" else None, None)
         if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(f"`response_format` {self.response_format.type!r} is not supported "
+            raise UnsupportedOption(f"`response_format` {self.response_format.type!r} is not supported "
                                       "(expected 'text')")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("`top_logprobs` needs `logprobs: true`")
@@ -318,12 +346,13 @@ class ChatCompletionRequest(_OpenAIBase):
         return self.sampling(max_tokens, room, (self.top_logprobs or 0) if self.logprobs else None)
 
 
-class LoadLoRARequest(BaseModel):
+class LoadLoRARequest(_Body):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # vLLM's: replace an adapter of that name (running requests finish on the old one)
 
 
-class UnloadLoRARequest(BaseModel):
+class UnloadLoRARequest(_Body):
     lora_name: str
     lora_int_id: Optional[int] = None
 

@@ -46,6 +46,7 @@ from ..async_engine import AsyncEngine
 from ..errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    InvalidRequestError,
     MultiLoRAError,
     OverloadedError,
     UnavailableError,
@@ -53,6 +54,7 @@ from ..errors import (
 from ..hooks import hookimpl
 from ..hooks.builtin import AdapterDirectory
 from ..sampling import SamplingParams
+from .access import AccessPolicy
 from .engine_args import EngineArgs, parse_adapter
 from .metrics import LATENCY_BUCKETS, REQUEST_METRICS, engine_samples, finished_request_samples
 from .server import GenerationFailed, create_app, describe_model
@@ -356,9 +358,13 @@ class RayBackend:
     def _release(self) -> None:
         self.in_flight -= 1
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str, replace: bool = False) -> None:
         """Read the adapter on one replica (the full check a local `load_adapter` makes), then
-        serve it; other replicas read it when Serve first sends them its requests."""
+        serve it; other replicas read it when Serve first sends them its requests. Replacing an
+        adapter in place is refused: the replicas that hold the old files would go on serving them."""
+        if replace:
+            raise InvalidRequestError(f"replacing adapter {name!r} in place is not supported on Ray Serve (replicas "
+                                      "that hold the old version would keep serving it); load it under a new name")
         if name in self.catalog:
             raise AdapterExistsError(f"an adapter named {name!r} is already registered (from "
                                      f"{self.catalog[name]!r}); unload it first, pick another name, or pass replace=True")
@@ -391,11 +397,13 @@ class Ingress:
     """The HTTP routes of `multilora serve` over the replicas (`serve.ingress` builds the app on
     the replica from `__serve_build_asgi_app__`)."""
 
-    def __init__(self, replicas, engine_args: EngineArgs, max_concurrent_requests: int = 256) -> None:
+    def __init__(self, replicas, engine_args: EngineArgs, max_concurrent_requests: int = 256,
+                 access: Optional[dict] = None) -> None:
         self.backend = RayBackend(replicas, engine_args, max_concurrent_requests=max_concurrent_requests)
+        self.access = AccessPolicy(**(access or {}))
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend, served_model_name=self.backend.default_model_name)
+        return create_app(self.backend, served_model_name=self.backend.default_model_name, access=self.access)
 
 
 # building the application ----------------------------------------------------------------------------
@@ -423,6 +431,11 @@ class RayServeArgs(BaseModel):
     replica_gpus: Optional[float] = Field(None, ge=0, description="default: 1 when the device is cuda")
     max_concurrent_requests: int = Field(256, ge=1, description="requests held at once by the ingress and "
                                          "by each replica")
+    # what clients may do (integrations.access.AccessPolicy)
+    allow_runtime_lora_updates: bool = False
+    adapter_roots: List[str] = Field(default_factory=list)
+    api_key: Optional[str] = None
+    max_request_chars: int = Field(1_000_000, ge=1)
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -457,7 +470,9 @@ def build_app(args: Union[RayServeArgs, dict, None] = None):
         ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": gpus})
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1, max_ongoing_requests=limit,
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica.bind(engine_args, limit), engine_args, limit)
+    access = {k: getattr(settings, k) for k in ("allow_runtime_lora_updates", "api_key", "max_request_chars")}
+    access["adapter_roots"] = tuple(settings.adapter_roots)
+    return ingress.bind(replica.bind(engine_args, limit), engine_args, limit, access)
 
 
 __all__ = ["build_app", "RayServeArgs", "LoRAReplica", "Ingress", "RayBackend", "RayStream", "ReplicaMetrics"]

@@ -16,8 +16,9 @@ Routes
 
 Errors come in each API's own format (TGI: `{"error", "error_type"}`; OpenAI: `{"error": {"message",
 "type", "param", "code"}}`) with the status of their kind: 400 bad parameters or adapter files,
-404 unknown adapter, 422 a body that does not match the schema, 503 when `max_concurrent_requests`
-requests are already held. A client that goes away aborts its request: its queue entry, slot
+401 no API key, 403 not allowed by the operator (`integrations.access`), 404 unknown adapter or route,
+405 wrong method, 413 too large, 422 a body that does not match the schema, 503 when
+`max_concurrent_requests` requests are already held. A client that goes away aborts its request: its queue entry, slot
 reference and KV rows are freed at the next step.
 """
 
@@ -32,13 +33,9 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import (
-    JSONResponse,
-    PlainTextResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..async_engine import AsyncEngine, RequestStream
@@ -59,6 +56,7 @@ from ..outputs import RequestOutput
 from ..sampling import SamplingParams
 from ..wrap import BASE_MODEL
 from . import protocol
+from .access import AccessPolicy, Forbidden, Gate, RequestTooLarge, Unauthorized
 from .metrics import EngineMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -71,15 +69,26 @@ from .protocol import (
 
 MAX_CHOICES = 64  # prompts × n of one OpenAI request
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
-                 500: "server_error", 503: "server_overloaded"}
-_TGI_TYPES = {400: "validation", 404: "not_found", 422: "validation", 500: "generation", 503: "overloaded"}
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                 422: "invalid_request_error", 500: "server_error", 503: "server_overloaded"}
+# huggingface_hub maps TGI's error types to typed errors: "validation" → ValidationError, ...
+_TGI_TYPES = {400: "validation", 401: "validation", 403: "validation", 404: "validation", 405: "validation",
+              413: "validation", 422: "validation", 500: "generation", 503: "overloaded"}
 
 
 def status_of(error: BaseException) -> int:
     """The HTTP status of an error: what the client can fix is 4xx."""
     if isinstance(error, (OverloadedError, UnavailableError)):
         return 503
+    if isinstance(error, Unauthorized):
+        return 401
+    if isinstance(error, Forbidden):
+        return 403
+    if isinstance(error, RequestTooLarge):
+        return 413
+    if isinstance(error, protocol.UnsupportedOption):
+        return 422
     if isinstance(error, AdapterNotFoundError):
         return 404
     if isinstance(error, (InvalidRequestError, RequestRejected, AdapterExistsError, AdapterLoadError,
@@ -90,6 +99,7 @@ def status_of(error: BaseException) -> int:
 
 def error_body(path: str, status: int, message: str) -> dict:
     """The error in the format of the API that `path` belongs to."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # any text a client sent, made safe
     if path.startswith("/v1/"):
         code = "model_not_found" if status == 404 else status
         return {"error": {"message": message, "type": _OPENAI_TYPES.get(status, "server_error"), "param": None,
@@ -143,8 +153,8 @@ class EngineBackend:
         cache = self.model.adapter_cache
         return {name: cache.source(name).path for name in cache.names()}
 
-    async def load_adapter(self, name: str, path: str) -> None:
-        await self.async_engine.call(self.model.load_adapter, name, path)
+    async def load_adapter(self, name: str, path: str, replace: bool = False) -> None:
+        await self.async_engine.call(self.model.load_adapter, name, path, replace=replace)
 
     async def unload_adapter(self, name: str) -> None:
         await self.async_engine.call(self.model.unload_adapter, name)
@@ -160,17 +170,29 @@ class Server:
     """The state behind one app: a backend (an engine here, or replicas elsewhere), the tokenizer
     and the served names."""
 
-    def __init__(self, backend, *, served_model_name: Optional[str] = None) -> None:
+    def __init__(self, backend, *, served_model_name: Optional[str] = None,
+                 access: Optional[AccessPolicy] = None) -> None:
         self.backend = backend
         self.tokenizer = backend.tokenizer
         self.tokens = Tokens(self.tokenizer)
         self.model_name = served_model_name or backend.default_model_name
+        self.access = access or AccessPolicy()
+        self.operator_adapters = frozenset(backend.adapters())  # loaded at startup: not the clients' to change
 
     # requests -------------------------------------------------------------------------------------
-    def encode(self, text: str, *, special: bool = True) -> List[int]:
+    async def encode(self, text: str, *, special: bool = True) -> List[int]:
+        """Token ids of a prompt, its size checked first; tokenized off the event loop."""
         if self.tokenizer is None:
             raise InvalidRequestError("this server has no tokenizer: text prompts cannot be served")
-        return self.tokenizer.encode(text, add_special_tokens=special)
+        self.access.check_chars(text)
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=special)
+        except Exception as exc:  # noqa: BLE001 - text the tokenizer refuses is the client's to fix
+            raise InvalidRequestError(f"the tokenizer cannot encode this prompt: {type(exc).__name__}: {exc}") from None
+
+    async def chat_prompt(self, conversation: List[dict]) -> str:
+        self.access.check_chars("".join(m["content"] for m in conversation), "the messages")
+        return await asyncio.to_thread(_chat_prompt, self.tokenizer, conversation)
 
     def room(self, ids: Sequence[int]) -> Optional[int]:
         """Positions left after a prompt."""
@@ -294,13 +316,16 @@ class GenerationFailed(MultiLoRAError, RuntimeError):
     """The model failed while generating a request (HTTP 500)."""
 
 
-def create_app(engine, *, served_model_name: Optional[str] = None, max_concurrent_requests: int = 256) -> FastAPI:
+def create_app(engine, *, served_model_name: Optional[str] = None, max_concurrent_requests: int = 256,
+               access: Optional[AccessPolicy] = None) -> FastAPI:
     """A FastAPI app serving `engine` (see the module docstring): an `Engine`, or a backend such as
     `EngineBackend` (`max_concurrent_requests` is then the backend's own). The engine's step loop
-    starts with the app and stops with it; `app.state.server` is the `Server`."""
+    starts with the app and stops with it; `app.state.server` is the `Server`. `access` says what
+    clients may do (`integrations.access`: API key, runtime adapter updates, adapter roots, sizes);
+    by default runtime adapter updates are off and no key is asked."""
     backend = EngineBackend(engine, max_concurrent_requests=max_concurrent_requests) \
         if isinstance(engine, Engine) else engine
-    server = Server(backend, served_model_name=served_model_name)
+    server = Server(backend, served_model_name=served_model_name, access=access)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -313,11 +338,18 @@ def create_app(engine, *, served_model_name: Optional[str] = None, max_concurren
     app = FastAPI(title="multilora_plugin", version=__version__, lifespan=lifespan,
                   description="Many LoRA adapters on one model: TGI- and OpenAI-compatible routes.")
     app.state.server = server
+    app.add_middleware(Gate, policy=server.access, error_body=error_body)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(request: Request, exc: HTTPException) -> JSONResponse:  # unknown route, wrong method, ...
+        return JSONResponse(error_body(request.url.path, exc.status_code, str(exc.detail)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(MultiLoRAError)
     async def on_error(request: Request, exc: MultiLoRAError) -> JSONResponse:
         status = status_of(exc)
-        return JSONResponse(error_body(request.url.path, status, str(exc)), status_code=status)
+        message = str(exc).replace("; give its lora_path to register it", "")  # a Python hint, not an HTTP one
+        return JSONResponse(error_body(request.url.path, status, message), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -327,7 +359,7 @@ def create_app(engine, *, served_model_name: Optional[str] = None, max_concurren
     # TGI ------------------------------------------------------------------------------------------
     async def tgi(body: TGIRequest, request: Request, stream: bool, as_list: bool = False) -> Response:
         p = body.parameters
-        ids = server.encode(body.inputs)
+        ids = await server.encode(body.inputs)
         if p.truncate is not None:
             ids = ids[-p.truncate:]
         params = protocol.tgi_sampling(p, server.room(ids), token_details=stream or p.details)
@@ -442,7 +474,7 @@ def create_app(engine, *, served_model_name: Optional[str] = None, max_concurren
         prompts = body.prompts()
         jobs = []
         for prompt in prompts:
-            text, ids = (prompt, server.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+            text, ids = (prompt, await server.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
             params = body.params(server.room(ids))
             jobs += [(text, ids, _nth(params, i)) for i in range(body.n)]
         return await openai(body, request, jobs, "completion")
@@ -450,20 +482,37 @@ def create_app(engine, *, served_model_name: Optional[str] = None, max_concurren
     @app.post("/v1/chat/completions", tags=["OpenAI"])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completions with the tokenizer's chat template; `model` as for completions."""
-        text = _chat_prompt(server.tokenizer, body.conversation())
-        ids = server.encode(text, special=False)
+        text = await server.chat_prompt(body.conversation())
+        ids = await server.encode(text, special=False)
         params = body.params(server.room(ids))
         return await openai(body, request, [(text, ids, _nth(params, i)) for i in range(body.n)], "chat")
 
     @app.post("/v1/load_lora_adapter", tags=["OpenAI"])
     async def load_lora_adapter(body: LoadLoRARequest) -> Response:
-        """Load a PEFT adapter directory (as vLLM does); it can be used as `model` right away."""
-        await backend.load_adapter(body.lora_name, body.lora_path)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+        """Load a PEFT adapter directory (as vLLM does); it can be used as `model` right away. With
+        `load_inplace: true`, an adapter of that name gets the new files: requests running with it
+        finish on the old weights, later ones use the new. Off unless the server allows runtime updates."""
+        name, policy = body.lora_name, server.access
+        policy.check_updates("/v1/load_lora_adapter")
+        policy.check_name(name, server.model_name)
+        path = policy.adapter_path(body.lora_path)
+        exists = name in backend.adapters()
+        if exists and not body.load_inplace:
+            raise AdapterExistsError(f"an adapter named {name!r} is already loaded; send `load_inplace: true` to "
+                                     "replace it, or use another `lora_name`")
+        if exists and name in server.operator_adapters:
+            raise Forbidden(f"adapter {name!r} was loaded by the operator when the server started; clients "
+                            "cannot replace it")
+        await backend.load_adapter(name, path, replace=exists)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' {'replaced' if exists else 'added'} successfully.")
 
     @app.post("/v1/unload_lora_adapter", tags=["OpenAI"])
     async def unload_lora_adapter(body: UnloadLoRARequest) -> Response:
-        """Forget an adapter; requests already running with it finish first."""
+        """Forget an adapter loaded at runtime; requests already running with it finish first."""
+        server.access.check_updates("/v1/unload_lora_adapter")
+        if body.lora_name in server.operator_adapters:
+            raise Forbidden(f"adapter {body.lora_name!r} was loaded by the operator when the server started; "
+                            "clients cannot unload it")
         await backend.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
