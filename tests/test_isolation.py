@@ -12,6 +12,7 @@ from .conftest import padded_batch
 ADAPTERS = [None, "all4", "attn8_rs", "mlp16_l1", "regex_pat"]
 PROMPTS = 5
 MAX_LORAS = 3  # fewer slots than adapters: consecutive examples force slot swaps
+TOL = 1e-4  # on logits of order 1; the adapters differ from each other by more than 100x this
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,9 @@ def test_each_row_matches_running_alone(setup, rows):
     with torch.no_grad():
         logits = model(ids, adapter_names=[n for _, n in rows]).logits
     for i, (p, name) in enumerate(rows):
-        torch.testing.assert_close(logits[i], alone[p, name], atol=1e-5, rtol=0, msg=f"row {i}: {name}")
+        # fp32 rounding: a mixed batch may take other kernel shapes than a row alone (per-token batched
+        # products instead of one matmul per adapter), which round differently by about an ulp per layer
+        torch.testing.assert_close(logits[i], alone[p, name], atol=TOL, rtol=TOL, msg=f"row {i}: {name}")
 
 
 def test_adapters_really_differ(setup):
@@ -48,4 +51,4 @@ def test_adapters_really_differ(setup):
     for a in ADAPTERS:
         for b in ADAPTERS:
             if a != b:
-                assert not torch.allclose(alone[0, a], alone[0, b], atol=1e-3)
+                assert (alone[0, a] - alone[0, b]).abs().max() > 100 * TOL
