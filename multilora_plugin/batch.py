@@ -15,6 +15,8 @@ may use different adapters: every forward passes the caller's `BatchMapping` (ro
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +29,18 @@ from .mapping import BatchMapping
 def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     """Position ids of the last `new` columns: each row counts only its unmasked tokens."""
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(model_class: type) -> str:
+    """The name the model's forward takes its KV cache by: `cache` (transformers 5.2x on), else the
+    older `past_key_values` (deprecated in 5.24, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache: DynamicCache) -> dict:
+    """The forward keyword argument that hands `model` (wrapped or not) its KV cache."""
+    return {_cache_arg(type(getattr(model, "hf_model", model))): cache}
 
 
 def _cache_from(layers: Sequence[tuple]) -> DynamicCache:
@@ -67,17 +81,17 @@ class Batch:
         for row, tokens in enumerate(token_ids):
             ids[row, width - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
             mask[row, width - len(tokens):] = 1
+        cache = DynamicCache()  # filled in place by the forward
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, width),
-                    past_key_values=DynamicCache(), use_cache=True, lora_mapping=mapping)
-        return cls(mask, out.past_key_values), out.logits[:, -1]
+                    use_cache=True, lora_mapping=mapping, **with_cache(model, cache))
+        return cls(mask, cache), out.logits[:, -1]
 
     def decode(self, model, tokens: Sequence[int], mapping: BatchMapping) -> torch.Tensor:
         """Feed one token per row (with `mapping`'s slot for each row); returns the next logits [B, V]."""
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.mask.device).view(-1, 1)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
         out = model(input_ids=ids, attention_mask=self.mask, position_ids=_positions(self.mask, 1),
-                    past_key_values=self.cache, use_cache=True, lora_mapping=mapping)
-        self.cache = out.past_key_values
+                    use_cache=True, lora_mapping=mapping, **with_cache(model, self.cache))
         return out.logits[:, -1]
 
     def filter(self, rows: Sequence[int]) -> Optional["Batch"]:

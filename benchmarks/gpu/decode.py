@@ -24,7 +24,6 @@ reported as skipped.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -39,17 +38,10 @@ import torch  # noqa: E402
 
 import multilora_plugin  # noqa: E402
 from multilora_plugin import BatchMapping  # noqa: E402
+from multilora_plugin.batch import with_cache  # noqa: E402
 from multilora_plugin.layers import MultiLoRALinear  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def cache_kwarg(cache) -> dict:
-    """The KV cache as the installed transformers takes it (`cache=` from 5.2x, `past_key_values=` before)."""
-    from transformers import LlamaForCausalLM
-
-    name = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-    return {name: cache}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,14 +116,14 @@ def eager_steps(model, prompt: torch.Tensor, steps: int, extra: dict, device: to
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=prompt, use_cache=True, **cache_kwarg(cache), **extra)
+    out = model(input_ids=prompt, use_cache=True, **with_cache(model, cache), **extra)
     token = out.logits[:, -1:].argmax(-1)
     times, time_one = [], timer(device)
     for _ in range(steps + 1):  # the first one warms up
         holder = {}
 
         def step():
-            holder["out"] = model(input_ids=token, use_cache=True, **cache_kwarg(cache), **extra)
+            holder["out"] = model(input_ids=token, use_cache=True, **with_cache(model, cache), **extra)
         times.append(time_one(step))
         token = holder["out"].logits[:, -1:].argmax(-1)
     return times[1:]
@@ -144,11 +136,11 @@ def graph_steps(model, prompt: torch.Tensor, steps: int, extra: dict, device: to
     batch, length = prompt.shape
     cache = StaticCache(config=model.config, max_cache_len=length + 8)
     out = model(input_ids=prompt, use_cache=True, cache_position=torch.arange(length, device=device),
-                **cache_kwarg(cache), **extra)
+                **with_cache(model, cache), **extra)
     token = out.logits[:, -1:].argmax(-1)
     position = torch.tensor([length], device=device)
     kwargs = dict(input_ids=token, use_cache=True, cache_position=position, position_ids=position.expand(batch, 1),
-                  **cache_kwarg(cache), **extra)
+                  **with_cache(model, cache), **extra)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
