@@ -94,7 +94,7 @@ class Cluster:
 
         self.ray, self.serve = ray, serve
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-        from multilora_plugin.cli import free_port
+        from multilora_plugin.integrations.local import free_port
 
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

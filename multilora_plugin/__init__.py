@@ -8,40 +8,43 @@
     outputs = llm.generate(prompts, SamplingParams(max_new_tokens=64), lora_request=[...])
 """
 
-from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats
-from .config import MultiLoRAConfig
-from .engine import Engine
-from .errors import (
-    AdapterExistsError,
-    AdapterLoadError,
-    AdapterNotFoundError,
-    CapacityError,
-    ConfigError,
-    IncompatibleAdapterError,
-    InvalidRequestError,
-    KernelInputError,
-    MultiLoRAError,
-    OverloadedError,
-    PluginError,
-    RequestRejected,
-    UnavailableError,
-    WrapError,
-)
-from .hooks import hookimpl
-from .layers import MultiLoRALinear
-from .llm import LLM
-from .mapping import BatchMapping
-from .outputs import (
-    CompletionOutput,
-    EngineRequest,
-    EngineStats,
-    LoRARequest,
-    RequestOutput,
-    StepStats,
-)
-from .sampling import SamplingParams
-from .scheduler import SchedulerConfig
-from .wrap import BASE_MODEL, AdapterInfo, MultiLoRAModel, wrap
+import importlib
+from typing import TYPE_CHECKING
+
+# Public names and the module that defines each. They are imported on first use (PEP 562), so that
+# `import multilora_plugin` and the `multilora` command's --help need neither torch nor transformers.
+_EXPORTS = {
+    "EMPTY": "adapters", "AdapterEvent": "adapters", "AdapterState": "adapters", "CacheStats": "adapters",
+    "MultiLoRAConfig": "config", "Engine": "engine", "hookimpl": "hooks", "MultiLoRALinear": "layers",
+    "LLM": "llm", "BatchMapping": "mapping", "SamplingParams": "sampling", "SchedulerConfig": "scheduler",
+    "BASE_MODEL": "model", "AdapterInfo": "model", "MultiLoRAModel": "model", "wrap": "model",
+    **dict.fromkeys(["CompletionOutput", "EngineRequest", "EngineStats", "LoRARequest", "RequestOutput",
+                     "StepStats"], "outputs"),
+    **dict.fromkeys(["AdapterExistsError", "AdapterLoadError", "AdapterNotFoundError", "CapacityError",
+                     "ConfigError", "IncompatibleAdapterError", "InvalidRequestError", "KernelInputError",
+                     "MultiLoRAError", "OverloadedError", "PluginError", "RequestRejected", "UnavailableError",
+                     "WrapError"], "errors"),
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'multilora_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
+    from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats  # noqa: F401
+    from .engine import Engine  # noqa: F401
+    from .llm import LLM  # noqa: F401
+    from .model import BASE_MODEL, AdapterInfo, MultiLoRAModel, wrap  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -112,7 +112,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, plugins: Iterable[Any] = (), load_entrypoints: bool = True,
                  adapter_dir: "str | os.PathLike | None" = None, **engine_args: Any) -> None:
-        from .wrap import MultiLoRAModel
+        from .model import MultiLoRAModel
 
         if not isinstance(model, MultiLoRAModel):
             raise ConfigError(f"expected a model returned by multilora_plugin.wrap(...), but got {type(model).__name__}")

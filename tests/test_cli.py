@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from multilora_plugin import MultiLoRAModel, cli
+from multilora_plugin import MultiLoRAModel, cli, demo, toy
+from multilora_plugin.integrations.local import free_port, running_server
 
 
 def test_demo_matches_peft(capsys):
     assert cli.main(["demo", "--new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     # the batch, then 10 engine requests, then 12 HTTP requests (6 TGI, 6 OpenAI)
-    assert out.count("  matches PEFT") == len(cli.DEMO_ROWS) + 10 + 12
+    assert out.count("  matches PEFT") == len(demo.DEMO_ROWS) + 10 + 12
     assert "continuous batching: 10 requests over 4 adapters + base, max_loras=2" in out
     assert out.count("  TGI    adapter=") == 6 and out.count("  OpenAI adapter=") == 6
     assert "every output matches PEFT" in out
-    for name in cli.DEMO_ADAPTERS:
+    for name in toy.DEMO_ADAPTERS:
         assert f"loaded adapter {name!r}" in out
 
 
@@ -29,7 +30,7 @@ def test_demo_reports_a_mismatch(monkeypatch, capsys):
     monkeypatch.setattr(MultiLoRAModel, "generate", base_only)
     assert cli.main(["demo", "--new-tokens", "6"]) == 1
     out = capsys.readouterr().out
-    adapter_rows = sum(name is not None for name, _ in cli.DEMO_ROWS)
+    adapter_rows = sum(name is not None for name, _ in demo.DEMO_ROWS)
     assert out.count("DIFFERS FROM PEFT") == adapter_rows
     assert f"{adapter_rows} output(s) differ from PEFT" in out
 
@@ -50,7 +51,7 @@ def test_serve_a_model_directory(monkeypatch, tmp_path):
 
     def run(app, host, port, log_level):
         answers["bind"] = (host, port)
-        with cli.running_server(app) as url:
+        with running_server(app) as url:
             for model in ("sql", "tiny"):
                 body = {"model": model, "prompt": "the water at night", "max_tokens": 4, "temperature": 0}
                 answers[model] = httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
@@ -88,7 +89,7 @@ def test_serve_shuts_down_the_same_way_on_sigterm_and_ctrl_c(tmp_path, sig):
 
     import httpx
 
-    port = cli.free_port()
+    port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "multilora_plugin.cli", "serve", "--port", str(port),
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -111,3 +112,38 @@ def test_serve_shuts_down_the_same_way_on_sigterm_and_ctrl_c(tmp_path, sig):
     assert proc.returncode == 0, out
     assert "engine closed" in out and "multilora serve: stopped" in out, out
     assert not any(p.name.startswith("multilora-serve-") for p in tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_help_and_version_answer_at_once_without_torch():
+    """`multilora --help` / `--version` import neither torch nor transformers (well under a second)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, runpy; sys.argv = ['multilora'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('multilora_plugin.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    for args in (["--help"], ["--version"], ["serve", "--help"], ["demo", "--help"]):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        seconds = time.perf_counter() - start
+        assert "heavy: []" in done.stdout, (args, done.stdout, done.stderr)
+        assert seconds < 5, (args, seconds)  # a bare interpreter start included; about 0.2 s on a quiet machine
+    serve_help = subprocess.run([sys.executable, "-m", "multilora_plugin.cli", "serve", "--help"],
+                                capture_output=True, text=True, timeout=60).stdout
+    assert "--allow-runtime-lora-updates" in serve_help and "(default: 127.0.0.1)" in serve_help
+    version = subprocess.run([sys.executable, "-m", "multilora_plugin.cli", "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    assert version.startswith("multilora_plugin 0.")
+
+
+def test_a_bad_model_or_adapter_path_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args in (["--model", str(tmp_path / "missing")], ["--adapter", f"x={tmp_path / 'missing'}"]):
+        done = subprocess.run([sys.executable, "-m", "multilora_plugin.cli", "serve", *args, "--port", "1"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("multilora serve:")

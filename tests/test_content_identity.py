@@ -19,7 +19,7 @@ from peft.utils import load_peft_weights
 
 import multilora_plugin
 from multilora_plugin import AdapterState, Engine, SamplingParams, hookimpl, toy
-from multilora_plugin.cli import running_server
+from multilora_plugin.integrations.local import running_server
 from multilora_plugin.integrations.access import AccessPolicy
 from multilora_plugin.integrations.server import create_app
 

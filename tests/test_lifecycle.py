@@ -32,7 +32,7 @@ S = AdapterState
 @pytest.fixture
 def reads(monkeypatch):
     """Counts weight reads from disk, per adapter name."""
-    wrap_module = importlib.import_module("multilora_plugin.wrap")  # the package's `wrap` is the function
+    wrap_module = importlib.import_module("multilora_plugin.model")
     counts: dict = {}
     real = wrap_module.read_adapter
 
@@ -129,6 +129,23 @@ def test_unload_frees_slot_and_cpu_copy(llama_kit):
     stats = model.memory_stats()
     assert model.adapters == {} and model.slot_contents() == (EMPTY, EMPTY)
     assert (stats.gpu_bytes, stats.cpu_bytes, stats.cpu_entries, stats.registered) == (0, 0, 0, 0)
+
+
+def test_loads_evictions_and_unloads_are_logged_at_info(llama_kit, caplog):
+    """An operator's record: what entered and left memory, at INFO; slot moves only at DEBUG."""
+    import logging
+
+    model = llama_kit.wrapped(max_loras=2)
+    ids, _ = padded_batch(1, [4])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="multilora_plugin"):
+        logits(model, ids, ["all4"])  # a slot move: not at INFO
+        assert model.evict_adapter("all4")
+        logits(model, ids, ["all4"])  # read again from disk
+        model.unload_adapter("attn8_rs")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert said == ["adapter 'all4' evicted from memory (read again from disk when next used)",
+                    "adapter 'all4' loaded into CPU memory", "adapter 'attn8_rs' unloaded"], said
 
 
 def test_hot_replace_never_lands_mid_forward(llama_kit):

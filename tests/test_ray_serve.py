@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from multilora_plugin import LLM, LoRARequest, SamplingParams, toy  # noqa: E402
-from multilora_plugin.cli import free_port, running_server  # noqa: E402
+from multilora_plugin.integrations.local import free_port, running_server  # noqa: E402
 from multilora_plugin.integrations.access import AccessPolicy  # noqa: E402
 from multilora_plugin.integrations.engine_args import EngineArgs  # noqa: E402
 from multilora_plugin.integrations.ray_serve import RayServeArgs, build_app  # noqa: E402

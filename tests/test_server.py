@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import multilora_plugin
 from multilora_plugin import LLM, LoRARequest, SamplingParams, toy
-from multilora_plugin.cli import running_server
+from multilora_plugin.integrations.local import running_server
 from multilora_plugin.integrations.access import AccessPolicy
 from multilora_plugin.integrations.server import create_app
 

@@ -13,7 +13,7 @@ from schemathesis.generation import GenerationMode
 
 import multilora_plugin
 from multilora_plugin import toy
-from multilora_plugin.cli import running_server
+from multilora_plugin.integrations.local import running_server
 from multilora_plugin.integrations.server import create_app
 
 

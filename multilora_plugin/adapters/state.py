@@ -52,11 +52,28 @@ class EventQueue:
                     if not self._events:
                         return
                     event = self._events.popleft()
+                _log(event)
                 for listener in list(self.listeners):
                     try:
                         listener(event)
                     except Exception:
                         logger.exception("adapter event listener %r failed on %s", listener, event)
+
+
+_MEMORY = (AdapterState.CPU, AdapterState.ACTIVE, AdapterState.EVICTING)
+
+
+def _log(event: AdapterEvent) -> None:
+    """Loads, evictions and unloads at INFO (an operator's record); slot moves at DEBUG."""
+    if event.new is None:
+        logger.info("adapter %r unloaded", event.name)
+    elif event.new is AdapterState.CPU and event.old not in _MEMORY:
+        logger.info("adapter %r loaded into CPU memory", event.name)
+    elif event.new is AdapterState.COLD and event.old in _MEMORY:
+        logger.info("adapter %r evicted from memory (read again from disk when next used)", event.name)
+    elif AdapterState.ACTIVE in (event.old, event.new):
+        logger.debug("adapter %r %s slot %s", event.name, "into" if event.new is AdapterState.ACTIVE else "out of",
+                     event.slot)
 
 
 class Hold:

@@ -97,12 +97,12 @@ class EngineArgs:
                             help="a PEFT LoRA adapter directory to serve as NAME (repeatable)")
         parser.add_argument("--adapter-dir", help="serve every PEFT adapter under this directory, by subdirectory name")
         parser.add_argument("--max-loras", type=int, default=4, help="adapter slots: distinct adapters per batch")
-        parser.add_argument("--max-lora-rank", type=int, default=16)
+        parser.add_argument("--max-lora-rank", type=int, default=16, help="slot width: the largest adapter rank served")
         parser.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory")
         parser.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
         parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
         parser.add_argument("--served-model-name", help="the base model's name in the OpenAI API")
-        parser.add_argument("--dtype", default="auto", choices=DTYPES)
+        parser.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as saved)")
         parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
     @classmethod

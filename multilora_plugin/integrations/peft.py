@@ -26,7 +26,7 @@ from ..adapters.checkpoint import CONFIG_NAME
 from ..config import MultiLoRAConfig
 from ..errors import IncompatibleAdapterError, MultiLoRAError, WrapError
 from ..layers import LINEAR_TYPES, linear_shape
-from ..wrap import MultiLoRAModel
+from ..model import MultiLoRAModel
 
 
 def wrap_peft_model(peft_model: PeftModel, config: MultiLoRAConfig) -> MultiLoRAModel:

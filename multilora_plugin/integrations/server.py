@@ -54,7 +54,7 @@ from ..errors import (
 )
 from ..outputs import RequestOutput
 from ..sampling import SamplingParams
-from ..wrap import BASE_MODEL
+from ..model import BASE_MODEL
 from . import protocol
 from .access import AccessPolicy, Forbidden, Gate, RequestTooLarge, Unauthorized
 from .metrics import EngineMetrics
