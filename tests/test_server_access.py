@@ -15,7 +15,7 @@ from openai import AuthenticationError, OpenAI
 
 import multilora_plugin
 from multilora_plugin import Engine, toy
-from multilora_plugin.cli import running_server
+from multilora_plugin.integrations.local import running_server
 from multilora_plugin.integrations.access import AccessPolicy
 from multilora_plugin.integrations.server import create_app
 
@@ -67,6 +67,25 @@ def assert_error(r: httpx.Response, path: str, status: int) -> dict:
     else:
         assert isinstance(body["error"], str) and body["error_type"] == "validation"
     return body
+
+
+def while_probing(url: str, send, items, what: str) -> tuple:
+    """`send(item)` for every item, eight at a time, while /health is asked over and over; returns
+    (the answers, the slowest /health in seconds), and prints the probe latency."""
+    import concurrent.futures
+    import time
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(send, item) for item in items]
+        probes = []
+        while not all(f.done() for f in futures):
+            start = time.perf_counter()
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            probes.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    slowest = max(probes or [0.0])
+    print(f"/health during {what}: {len(probes)} probes, slowest {slowest * 1e3:.0f} ms")
+    return [f.result() for f in futures], slowest
 
 
 SURROGATE_BODIES = [
@@ -186,26 +205,63 @@ def test_size_limits_are_checked_before_tokenizing(kit):
 def test_large_prompts_do_not_stall_the_event_loop(kit):
     """Eight concurrent prompts near the size limit are tokenized off the event loop: /health answers
     meanwhile (its slowest latency is printed), each big request gets its 4xx, and serving goes on."""
-    import concurrent.futures
-    import time
-
     big = "water " * 150_000  # 900,000 characters: under the limit, far over the model's positions
     with running_server(kit.app()) as url:
         def send(_):
             return httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": big, "max_tokens": 1},
                               timeout=120).status_code
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(send, i) for i in range(8)]
-            probes = []
-            while not all(f.done() for f in futures):
-                start = time.perf_counter()
-                assert httpx.get(url + "/health", timeout=30).status_code == 200
-                probes.append(time.perf_counter() - start)
-                time.sleep(0.05)
-            statuses = [f.result() for f in futures]
-        print(f"/health during 8 large prompts: {len(probes)} probes, slowest {max(probes or [0]) * 1e3:.0f} ms")
+        statuses, slowest = while_probing(url, send, range(8), "8 large prompts")
         assert statuses == [400] * 8  # too long for the model's positions, said after tokenizing
-        assert max(probes or [0]) < 2.0
+        assert slowest < 2.0
+        assert tgi_ids(url, "A") == kit.peft_ids("A", 6)
+    kit.engine.close()
+
+
+HOSTILE = [  # (path, raw body, status): what no client may turn into a 5xx (a few are fine: 200)
+    *[(path, raw, 422) for path, raw in SURROGATE_BODIES],
+    ("/generate", '{"inputs": "x", "parameters": {"max_new_tokens": 1e309}}', 422),  # inf
+    ("/generate", '{"inputs": "x", "parameters": {"max_new_tokens": 1' + "0" * 400 + '}}', 400),  # > positions
+    ("/generate", '{"inputs": "x", "parameters": {"temperature": NaN, "do_sample": true}}', 422),
+    ("/v1/completions", '{"model": "tiny", "prompt": "x", "seed": -1}', 400),
+    ("/v1/completions", '{"model": "tiny", "prompt": "x", "seed": ' + "9" * 40 + '}', 400),
+    ("/v1/completions", '{"model": "tiny", "prompt": [[' + ",".join(["1"] * 3000) + ']]}', 400),  # too long
+    ("/v1/completions", '{"model": "tiny", "prompt": [[-1]]}', 400),
+    ("/v1/completions", '{"model": "tiny", "prompt": "x", "max_tokens": 1e20}', 422),
+    ("/v1/completions", '{"model": "tiny", "prompt": "x", "stop": ' + '["a"' + ',"a"' * 100 + ']}', 400),
+    ("/v1/completions", '{"model": {"$gt": ""}, "prompt": "x"}', 422),
+    ("/v1/completions", '[' * 50_000 + ']' * 50_000, 400),  # nesting deeper than any parser's recursion
+    ("/v1/completions", '{"model": "tiny", "prompt": "x"' + ', "a": 1' * 20_000 + '}', 200),  # unknown: ignored
+    ("/v1/completions", b'\xff\xfe{"model": "tiny"}', 400),  # not UTF-8
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "system", "content": "x"}]}', 200),
+    # a role of the host's own is the chat template's to render, as in vLLM
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "root", "content": "x"}]}', 200),
+    ("/v1/chat/completions", '{"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}', 404),
+    ("/generate", '{"inputs": "x", "parameters": {"adapter_id": "/etc"}}', 404),
+    ("/generate", '{"inputs": "x", "parameters": {"adapter_id": "../A"}}', 404),
+    ("/v1/load_lora_adapter", '{"lora_name": "x", "lora_path": "/etc"}', 403),
+    ("/v1/unload_lora_adapter", '{"lora_name": "A"}', 403),
+    ("/generate", "x" * 7_000_000, 413),
+]
+
+
+def test_hostile_table_gets_only_4xx_while_the_server_stays_responsive(kit):
+    """Every hostile body at once, eight at a time, while /health is probed: each gets its status (the
+    refusals in their API's format, never a 5xx), the probe's slowest answer is printed, and serving
+    goes on after."""
+    with running_server(kit.app()) as url:
+        def send(case):
+            path, raw, _ = case
+            content = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+            return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=120)
+
+        answers, slowest = while_probing(url, send, HOSTILE, f"{len(HOSTILE)} hostile requests")
+        wrong = [(case[0], case[1][:60], r.status_code, r.text[:200]) for case, r in zip(HOSTILE, answers)
+                 if r.status_code != case[2]]
+        assert not wrong, wrong
+        for case, r in zip(HOSTILE, answers):
+            if r.status_code != 200:
+                assert_error(r, case[0], case[2])
+        assert slowest < 2.0
         assert tgi_ids(url, "A") == kit.peft_ids("A", 6)
     kit.engine.close()
