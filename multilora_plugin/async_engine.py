@@ -65,6 +65,18 @@ class RequestStream:
             self._owner.abort(self.request_id)
 
 
+def open_stream(streams: Dict[str, "RequestStream"], request_id: str, owner, limit: int) -> "RequestStream":
+    """A new stream for `request_id` in `streams` (the requests a host holds, at most `limit`);
+    `OverloadedError` at the limit, `InvalidRequestError` for an id already held."""
+    if len(streams) >= limit:
+        raise OverloadedError(f"the server holds {len(streams)} requests, its limit (max_concurrent_requests="
+                              f"{limit}); retry later")
+    if request_id in streams:
+        raise InvalidRequestError(f"a request with id {request_id!r} is already queued or running")
+    stream = streams[request_id] = RequestStream(request_id, owner)
+    return stream
+
+
 class AsyncEngine:
     """An `Engine` driven by a background step thread, with asyncio streams per request.
 
@@ -126,12 +138,7 @@ class AsyncEngine:
         engine's typed errors, or `OverloadedError` at `max_concurrent_requests`."""
         if not self.running:
             self.start()
-        if len(self._streams) >= self.max_concurrent_requests:
-            raise OverloadedError(f"the server holds {len(self._streams)} requests, its limit "
-                                  f"(max_concurrent_requests={self.max_concurrent_requests}); retry later")
-        if request_id in self._streams:
-            raise InvalidRequestError(f"a request with id {request_id!r} is already queued or running")
-        stream = self._streams[request_id] = RequestStream(request_id, self)
+        stream = open_stream(self._streams, request_id, self, self.max_concurrent_requests)
         try:
             await asyncio.to_thread(self.engine.add_request, request_id, prompt, sampling_params, lora_request,
                                     **kwargs)

@@ -71,15 +71,22 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
     from .integrations.server import create_app
 
     print(f"loading {engine_args.model or 'the demo model'} ...")
-    engine = engine_args.build()
-    app = create_app(engine, served_model_name=engine_args.model_name,
+    if args.engine_process:
+        from .integrations.engine_process import EngineProcess
+
+        backend = EngineProcess(engine_args, max_concurrent_requests=args.max_concurrent_requests,
+                                log_level=args.log_level)
+    else:
+        backend = engine_args.build()
+    app = create_app(backend, served_model_name=engine_args.model_name,
                      max_concurrent_requests=args.max_concurrent_requests, access=_access(args))
-    print(f"serving {engine_args.model_name!r} with {len(engine.model.adapter_cache.names())} adapters, "
-          f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port}")
+    where = "in its own process" if args.engine_process else "in this process"
+    print(f"serving {engine_args.model_name!r} with {len(app.state.server.backend.adapters())} adapters, "
+          f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port} (engine {where})")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
-        engine.close()
+        backend.close()
         print("engine closed", flush=True)
     return 0
 
@@ -148,6 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "(default: $MULTILORA_API_KEY, else none)")
     server.add_argument("--max-request-chars", type=int, default=1_000_000,
                         help="longest prompt or chat, in characters, before it is tokenized (413 above)")
+    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine in a process of its own, so that its step loop never waits for the "
+                             "event loop's share of the GIL (as vLLM's engine core); --no-engine-process keeps it "
+                             "in the server's process")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from multilora_plugin import MultiLoRAModel, cli, demo, toy
 from multilora_plugin.integrations.local import free_port, running_server
@@ -35,9 +36,11 @@ def test_demo_reports_a_mismatch(monkeypatch, capsys):
     assert f"{adapter_rows} output(s) differ from PEFT" in out
 
 
-def test_serve_a_model_directory(monkeypatch, tmp_path):
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "engine-in-process"])
+def test_serve_a_model_directory(monkeypatch, tmp_path, engine_process):
     """`multilora serve --model DIR --adapter NAME=PATH` loads both from disk and serves them; the
-    app uvicorn would run is started here on a free port and asked for one completion per model."""
+    app uvicorn would run is started here on a free port and asked for one completion per model.
+    The engine runs in a process of its own, or (--no-engine-process) in this one."""
     import httpx
     import uvicorn
 
@@ -51,6 +54,7 @@ def test_serve_a_model_directory(monkeypatch, tmp_path):
 
     def run(app, host, port, log_level):
         answers["bind"] = (host, port)
+        answers["threads"] = torch.get_num_threads()
         with running_server(app) as url:
             for model in ("sql", "tiny"):
                 body = {"model": model, "prompt": "the water at night", "max_tokens": 4, "temperature": 0}
@@ -59,9 +63,16 @@ def test_serve_a_model_directory(monkeypatch, tmp_path):
 
     monkeypatch.setattr(uvicorn, "run", run)
     args = ["serve", "--model", str(tmp_path / "model"), "--adapter", f"sql={adapter}", "--max-loras", "2",
-            "--served-model-name", "tiny", "--port", "8123"]
-    assert cli.main(args) == 0
+            "--served-model-name", "tiny", "--port", "8123", "--cpu-threads", "1"]
+    args += [] if engine_process else ["--no-engine-process"]
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert answers["bind"] == ("127.0.0.1", 8123)
+    if not engine_process:  # else set in the engine's process
+        assert answers["threads"] == 1
     assert answers["models"] == ["tiny", "sql"]
     assert answers["sql"] and answers["tiny"] and answers["sql"] != answers["tiny"]
 

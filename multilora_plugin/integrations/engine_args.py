@@ -41,8 +41,11 @@ class EngineArgs:
     dtype: str = "auto"
     device: Optional[str] = None  # default: cuda when available
     served_model_name: Optional[str] = None
+    cpu_threads: Optional[int] = None  # torch's threads for a model on CPU; None: as torch has it
 
     def __post_init__(self) -> None:
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ConfigError(f"`cpu_threads` should be an int >= 1, but got {self.cpu_threads!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"`dtype` should be one of {DTYPES}, but got {self.dtype!r}")
         if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and k for k in self.adapters):
@@ -61,6 +64,9 @@ class EngineArgs:
         import multilora_plugin
         from multilora_plugin import toy
 
+        device = torch.device("cpu" if self.model is None else self.device or _default_device())
+        if device.type == "cpu" and self.cpu_threads is not None:
+            torch.set_num_threads(self.cpu_threads)
         if self.model is None:
             hf_model = toy.demo_model()
         else:
@@ -68,7 +74,7 @@ class EngineArgs:
 
             dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
             hf_model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype)
-            hf_model = hf_model.to(self.device or _default_device()).eval()
+            hf_model = hf_model.to(device).eval()
         tokenizer = self.load_tokenizer()
         model = multilora_plugin.wrap(hf_model, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                                       max_cpu_loras=self.max_cpu_loras)
@@ -104,6 +110,9 @@ class EngineArgs:
         parser.add_argument("--served-model-name", help="the base model's name in the OpenAI API")
         parser.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as saved)")
         parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        parser.add_argument("--cpu-threads", type=int, default=None,
+                            help="torch threads for a model on CPU (default: torch's, every core; on Ray replicas, "
+                                 "their CPUs)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -111,7 +120,8 @@ class EngineArgs:
                    adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                    max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                    max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
-                   served_model_name=args.served_model_name)
+                   served_model_name=args.served_model_name, cpu_threads=args.cpu_threads)
+
 
 
 def parse_adapter(value: str) -> tuple:

@@ -426,6 +426,7 @@ class RayServeArgs(BaseModel):
     dtype: str = "auto"
     device: Optional[str] = None
     served_model_name: Optional[str] = None
+    cpu_threads: Optional[int] = Field(None, ge=1)
     replicas: int = Field(1, ge=1, description="engine replicas (one per GPU, or per group of CPU cores)")
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: Optional[float] = Field(None, ge=0, description="default: 1 when the device is cuda")
