@@ -34,7 +34,7 @@ class TokenMapping:
     """
 
     num_tokens: int  # T
-    tokens_per_row: int  # 1 for decode steps
+    kind: str  # "bgmv": one token per row or request (a decode step); "sgmv": longer runs (prefill, mixed)
     segments: tuple  # ((slot, start, end), ...) into `index`, only slots that have tokens
     identity: bool  # index == arange(T): every token has an adapter and is already in order
     index: torch.Tensor  # [Ta] int32: tokens that have an adapter, grouped by slot (ascending)
@@ -43,6 +43,18 @@ class TokenMapping:
     seg_slots: torch.Tensor  # [G] int32: slot of each segment
     seg_starts: torch.Tensor  # [G] int32: first position of each segment in `index`
     seg_lens: torch.Tensor  # [G] int32: tokens in each segment
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # slot_mask's, by its arguments
+
+    def slot_mask(self, first: int, n: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """[T, n * r] of 1 where token t belongs to slot first + j (columns j * r ... j * r + r - 1),
+        else 0: built once per forward and shape, shared by every layer."""
+        key = (first, n, r, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            slots = torch.arange(first, first + n, device=self.token_slots.device, dtype=torch.int32)
+            mask = (self.token_slots.unsqueeze(1) == slots).to(dtype)  # [T, n]
+            mask = self._masks[key] = mask.repeat_interleave(r, dim=1)  # [T, n * r]
+        return mask
 
     @property
     def num_active(self) -> int:
@@ -102,31 +114,96 @@ class BatchMapping:
                 f"an activation of {num_tokens} tokens cannot be split into {self.num_rows} rows of equal length"
             )
         per_row = num_tokens // self.num_rows
-        index = [row * per_row + t for row in self.order for t in range(per_row)]  # [Ta]
-        active_slots = [self.row_slots[row] for row in self.order for _ in range(per_row)]  # [Ta]
-        token_slots = [slot for slot in self.row_slots for _ in range(per_row)]  # [T]
-        segments = tuple((slot, start * per_row, end * per_row) for slot, start, end in self.segments)
-        seg_slots = [slot for slot, _, _ in segments]
-        seg_starts = [start for _, start, _ in segments]
-        seg_lens = [end - start for _, start, end in segments]
-        # one host-to-device copy for all of them
-        packed = torch.tensor(index + active_slots + token_slots + seg_slots + seg_starts + seg_lens,
-                              dtype=torch.int32).to(device)
-        sizes = (len(index), len(active_slots), len(token_slots), len(segments), len(segments), len(segments))
-        parts = torch.split(packed, sizes)
-        mapping = TokenMapping(
-            num_tokens=num_tokens,
-            tokens_per_row=per_row,
-            segments=segments,
-            identity=self.order == tuple(range(self.num_rows)),
-            index=parts[0],
-            active_slots=parts[1],
-            token_slots=parts[2],
-            seg_slots=parts[3],
-            seg_starts=parts[4],
-            seg_lens=parts[5],
-        )
+        mapping = token_mapping([(slot, per_row) for slot in self.row_slots], "bgmv" if per_row == 1 else "sgmv",
+                                device)
         self._by_tokens[key] = mapping
+        return mapping
+
+
+def token_mapping(runs: Sequence[tuple], kind: str, device: torch.device) -> TokenMapping:
+    """The `TokenMapping` of an activation whose tokens come in `runs`: ((slot, num_tokens), ...) in
+    token order (rows of a padded batch, or the requests of a packed one); tokens are grouped by slot,
+    in ascending slot order, keeping their order within a slot."""
+    by_slot: dict = {}  # slot → [(first token, count)], in token order
+    token_slots: list = []  # [T]
+    for slot, count in runs:
+        if slot >= 0 and count:
+            by_slot.setdefault(slot, []).append((len(token_slots), count))
+        token_slots += [slot] * count
+    index, active_slots, segments = [], [], []  # [Ta], [Ta], ((slot, start, end), ...) into index
+    for slot in sorted(by_slot):
+        start = len(index)
+        for first, count in by_slot[slot]:
+            index.extend(range(first, first + count))
+        active_slots += [slot] * (len(index) - start)
+        segments.append((slot, start, len(index)))
+    seg_slots = [slot for slot, _, _ in segments]
+    seg_starts = [start for _, start, _ in segments]
+    seg_lens = [end - start for _, start, end in segments]
+    # one host-to-device copy for all of them
+    packed = torch.tensor(index + active_slots + token_slots + seg_slots + seg_starts + seg_lens,
+                          dtype=torch.int32).to(device)
+    sizes = (len(index), len(active_slots), len(token_slots), len(segments), len(segments), len(segments))
+    parts = torch.split(packed, sizes)
+    return TokenMapping(
+        num_tokens=len(token_slots),
+        kind=kind,
+        segments=tuple(segments),
+        identity=len(index) == len(token_slots) and all(i == t for t, i in enumerate(index)),
+        index=parts[0],
+        active_slots=parts[1],
+        token_slots=parts[2],
+        seg_slots=parts[3],
+        seg_starts=parts[4],
+        seg_lens=parts[5],
+    )
+
+
+@dataclass(frozen=True)
+class PackedMapping:
+    """Request → slot for one forward of transformers' continuous batching, which packs every
+    request's query tokens into one row: request i owns tokens [cu[i], cu[i + 1]) of the `[1, T]`
+    input, where cu is the running sum of `query_lens` (`cu_seq_lens_q`). Tokens past the last
+    request (padding) take no slot.
+
+    Running example: request_slots = (1, -1, 0), query_lens = (3, 2, 1), num_slots = 2
+        tokens(7): token_slots = [1, 1, 1, -1, -1, 0, -1], index = [5, 0, 1, 2], kind "sgmv"
+    """
+
+    request_slots: tuple  # [R] python ints in -1 .. num_slots - 1
+    query_lens: tuple  # [R] tokens of each request in this forward
+    num_slots: int
+    _by_tokens: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.request_slots) != len(self.query_lens):
+            raise InvalidRequestError(f"one query length per request was expected, but got {len(self.query_lens)} "
+                                      f"for {len(self.request_slots)} requests")
+        bad = [s for s in self.request_slots if not -1 <= s < self.num_slots]
+        if bad:
+            raise InvalidRequestError(f"slot ids should be in -1..{self.num_slots - 1}, but got {bad}")
+
+    @property
+    def num_rows(self) -> int:
+        return 1  # the packed row
+
+    @property
+    def has_lora(self) -> bool:
+        return any(s >= 0 and n for s, n in zip(self.request_slots, self.query_lens))
+
+    def tokens(self, num_tokens: int, device: torch.device) -> TokenMapping:
+        """The per-token mapping of the packed `[num_tokens, features]` activation (cached)."""
+        key = (num_tokens, device)
+        cached = self._by_tokens.get(key)
+        if cached is not None:
+            return cached
+        used = sum(self.query_lens)
+        if num_tokens < used:
+            raise InvalidRequestError(f"an activation of {num_tokens} tokens cannot hold the {used} query tokens "
+                                      "of this step's requests")
+        runs = list(zip(self.request_slots, self.query_lens)) + [(-1, num_tokens - used)]
+        kind = "bgmv" if all(n == 1 for n in self.query_lens) else "sgmv"
+        mapping = self._by_tokens[key] = token_mapping(runs, kind, device)
         return mapping
 
 

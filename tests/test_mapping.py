@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multilora_plugin import BatchMapping, InvalidRequestError
-from multilora_plugin.mapping import expand_rows
+from multilora_plugin.mapping import PackedMapping, expand_rows
 
 # row_slots, num_slots → order, segments
 TABLE = [
@@ -35,7 +35,7 @@ def test_token_mapping_of_the_running_example():
     assert tokens.segments == ((0, 0, 2), (2, 2, 4))
     assert (tokens.seg_slots.tolist(), tokens.seg_starts.tolist(), tokens.seg_lens.tolist()) == ([0, 2], [0, 2], [2, 2])
     assert all(t.dtype == torch.int32 for t in (tokens.index, tokens.token_slots, tokens.seg_lens))
-    assert (tokens.num_active, tokens.all_active, tokens.max_segment_len, tokens.tokens_per_row) == (4, False, 2, 2)
+    assert (tokens.num_active, tokens.all_active, tokens.max_segment_len, tokens.kind) == (4, False, 2, "sgmv")
     assert not tokens.identity
 
 
@@ -76,3 +76,31 @@ def test_expand_rows_follows_repeat_interleave(rows, batch, expected):
 def test_expand_rows_refuses_uneven_batches():
     with pytest.raises(InvalidRequestError, match="5 rows cannot be mapped onto 2 adapter names"):
         expand_rows((0, 1), 5)
+
+
+# request_slots, query_lens, num_tokens → token_slots, index, segments, kind
+PACKED = [
+    ((1, -1, 0), (3, 2, 1), 7, [1, 1, 1, -1, -1, 0, -1], [5, 0, 1, 2], ((0, 0, 1), (1, 1, 4)), "sgmv"),
+    ((0, 0, -1), (1, 1, 1), 3, [0, 0, -1], [0, 1], ((0, 0, 2),), "bgmv"),
+    ((1, 0), (1, 1), 4, [1, 0, -1, -1], [1, 0], ((0, 0, 1), (1, 1, 2)), "bgmv"),  # two padding tokens
+    ((-1,), (4,), 4, [-1] * 4, [], (), "sgmv"),
+    ((), (), 2, [-1, -1], [], (), "bgmv"),
+]
+
+
+@pytest.mark.parametrize("slots,lens,num_tokens,token_slots,index,segments,kind", PACKED)
+def test_packed_requests_map_each_token_to_its_request(slots, lens, num_tokens, token_slots, index, segments, kind):
+    mapping = PackedMapping(slots, lens, 2)
+    tokens = mapping.tokens(num_tokens, torch.device("cpu"))
+    assert tokens.token_slots.tolist() == token_slots and tokens.index.tolist() == index
+    assert tokens.segments == segments and tokens.kind == kind
+    assert mapping.has_lora == bool(index) and mapping.num_rows == 1
+
+
+def test_packed_mapping_refuses_what_does_not_fit():
+    with pytest.raises(InvalidRequestError, match="one query length per request"):
+        PackedMapping((0, 1), (3,), 2)
+    with pytest.raises(InvalidRequestError, match="slot ids should be in -1..1"):
+        PackedMapping((2,), (1,), 2)
+    with pytest.raises(InvalidRequestError, match="cannot hold the 5 query tokens"):
+        PackedMapping((0, 1), (3, 2), 2).tokens(4, torch.device("cpu"))

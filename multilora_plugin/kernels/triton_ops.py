@@ -65,14 +65,14 @@ class TritonBackend:
 
     def lora_shrink(self, x: _Tensor, lora_a: _Tensor, lora_ranks: _Tensor, tokens: TokenMapping) -> _Tensor:
         """Semantics: as `TorchBackend.lora_shrink`; h: [T, R] float32."""
-        if tokens.tokens_per_row == 1:
+        if tokens.kind == "bgmv":
             return torch.ops.multilora.bgmv_shrink(x, lora_a, lora_ranks, tokens.token_slots)
         return torch.ops.multilora.sgmv_shrink(x, lora_a, lora_ranks, tokens.index, tokens.seg_slots,
                                                tokens.seg_starts, tokens.seg_lens, tokens.max_segment_len)
 
     def lora_expand(self, y: _Tensor, h: _Tensor, lora_b: _Tensor, lora_ranks: _Tensor, tokens: TokenMapping) -> None:
         """Semantics: as `TorchBackend.lora_expand`; y modified in place."""
-        if tokens.tokens_per_row == 1:
+        if tokens.kind == "bgmv":
             torch.ops.multilora.bgmv_expand(y, h, lora_b, lora_ranks, tokens.token_slots)
         else:
             torch.ops.multilora.sgmv_expand(y, h, lora_b, lora_ranks, tokens.index, tokens.seg_slots,
