@@ -138,8 +138,8 @@ def test_a_batch_of_only_base_rows_leaves_y_bit_identical(backend, per_row):
 def test_padding_past_the_rank_is_never_read(backend):
     """Garbage in the padding must not change the result, so a small rank in a big slot costs its rank.
 
-    Triton stops at each slot's rank; the torch backend at the largest rank in the batch (its gathered
-    path reads the zero padding of smaller slots up to that rank).
+    Triton stops at each slot's rank; the torch backend at the largest rank in the batch (its stacked
+    and in-place paths read the zero padding of smaller slots up to that rank).
     """
     case = make_case(9, 2, 64, 64, torch.float32, "uniform", ranks=(2, 8, 5, 0), seed=3)
     want = case.y.clone()
@@ -154,10 +154,11 @@ def test_padding_past_the_rank_is_never_read(backend):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("overhead", [-1, 1 << 40])
-def test_torch_backend_both_shapes_of_work(monkeypatch, overhead):
-    """Segments (no overhead per segment) and batched (huge overhead) give the reference's result."""
-    monkeypatch.setattr(torch_ops, "SEGMENT_OVERHEAD_BYTES", overhead)
+@pytest.mark.parametrize("segment_us", [-1e9, 1e9])
+def test_torch_backend_every_shape_of_work(monkeypatch, segment_us):
+    """Segments (a segment costs nothing), stacked (a segment costs everything) and in place (one
+    token per slot, distinct patterns) all give the reference's result."""
+    monkeypatch.setattr(torch_ops, "SEGMENT_US", segment_us)
     for pattern in PATTERNS:
         for rows, per_row in [(16, 1), (5, 3)]:
             check_add_lora(TorchBackend(), make_case(rows, per_row, 64, 96, torch.float32, pattern), torch.float32)
@@ -177,15 +178,15 @@ def test_add_lora_explicit_decode_layouts(backend, row_slots):
     check_add_lora(backend, case, torch.float32)
 
 
-@pytest.mark.parametrize("rows,per_row,d,pattern,batched", [
-    (4, 1, 4096, "distinct", True),  # one token per slot over slots 0..3: the buffers serve in place
-    (16, 1, 512, "distinct", True),  # small weights: copying them beats a loop over 4 segments
-    (16, 1, 512, "identical", False),  # one segment
-    (64, 1, 4096, "uniform", False),  # adapters shared by many tokens, large weights: copies would dominate
-    (3, 33, 512, "distinct", False),  # prefill: 33 tokens per adapter
+@pytest.mark.parametrize("rows,per_row,d,pattern,shape", [
+    (4, 1, 4096, "distinct", "in_place"),  # one token per slot over slots 0..3: the buffers serve in place
+    (16, 1, 512, "distinct", "stacked"),  # decode over 4 adapters: two matmuls beat a loop over 4 segments
+    (16, 1, 512, "identical", "segments"),  # one segment
+    (64, 1, 4096, "uniform", "segments"),  # adapters shared by many tokens, large weights: 4x the arithmetic loses
+    (8, 32, 512, "distinct", "segments"),  # prefill: 32 tokens for each of 4 adapters
 ])
-def test_torch_backend_chooses_the_cheaper_shape_of_work(rows, per_row, d, pattern, batched):
+def test_torch_backend_chooses_the_cheaper_shape_of_work(rows, per_row, d, pattern, shape):
     gen = torch.Generator().manual_seed(0)
     tokens = BatchMapping(popularity(pattern, rows, gen), NUM_SLOTS).tokens(rows * per_row, torch.device("cpu"))
     a, b = torch.empty(NUM_SLOTS, 16, d), torch.empty(NUM_SLOTS, d, 16)
-    assert (torch_ops._batched_plan(tokens, [16] * NUM_SLOTS, a, b) is not None) is batched
+    assert torch_ops._plan(tokens, [16] * NUM_SLOTS, a, b) == (shape, 16)

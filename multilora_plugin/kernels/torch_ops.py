@@ -1,13 +1,19 @@
 """The torch backend: LoRA ops in plain torch over a `TokenMapping`. Correct on every device, tuned for CPU.
 
-`add_lora` picks one of two shapes of work from the mapping, the same for every layer of a call:
+`add_lora` picks one of three shapes of work from the mapping and the layer's size:
 - segments: one matmul pair per segment, on contiguous slices of the slot buffers cut to the slot's
-  rank. Used for a single adapter, for prefill, and whenever adapters shared by several tokens have
-  large weights.
-- batched: when many adapters have few tokens each (decode with distinct adapters), two batched
-  matmuls do all tokens at once, each token with its slot's rank-cut weights. A Python loop over
-  segments would cost more than the arithmetic. With one token per slot over a contiguous range of
-  slots, the slot buffers are used in place; otherwise each token's weights are gathered.
+  rank. The cheapest for one adapter, and for long runs of tokens per adapter (prefill).
+- stacked: every token against every slot of the batch's slot range in two matmuls (the slot
+  buffers of the range, cut to its largest rank, are one `[n * r, in]` matrix), then each token
+  keeps its own slot's part. No weights are gathered per token and no Python loop runs over
+  adapters, at the price of n times the (small) LoRA arithmetic: the cheapest for decode and for
+  the mixed steps of transformers' continuous batching, where many adapters have a few tokens each.
+- in place: one token per slot over a contiguous range of slots (distinct adapters, decode): the
+  slot buffers, in slot order, already are the per-token weights; two batched matmuls.
+
+The choice between segments and stacked weighs their cost in microseconds: the arithmetic of each,
+plus a fixed cost per segment (`SEGMENT_US`), both measured with benchmarks/bench_kernels.py on the
+2-core CPU these numbers come from (`MACS_PER_US`).
 """
 
 from __future__ import annotations
@@ -16,35 +22,23 @@ import torch
 
 from ..mapping import TokenMapping
 
-# What one more segment costs the loop (two small matmuls and their slicing, ~20 us on a 2-core CPU),
-# counted in bytes of weights that the batched path copies in that time. Calibrated with
-# benchmarks/bench_kernels.py: the break-even lay between 0.5 and 1.3 MiB on the CPU measured.
-SEGMENT_OVERHEAD_BYTES = 768 * 1024
+MACS_PER_US = 70_000  # fp32 multiply-adds per microsecond of small matmuls (2 cores)
+SEGMENT_US = 25  # one more segment in the loop: two small matmuls and their slicing
 
 
-def _slot_range(tokens: TokenMapping):
-    """(first, last) when the batch has one token per slot over the contiguous slots first..last."""
+def _plan(tokens: TokenMapping, ranks: list, lora_a: torch.Tensor, lora_b: torch.Tensor):
+    """(shape, r): "segments", "stacked" or "in_place", the cheapest shape of work, and the largest
+    rank in the batch's slot range."""
     first, last = tokens.segments[0][0], tokens.segments[-1][0]
-    if tokens.num_active == len(tokens.segments) == last - first + 1:
-        return first, last
-    return None
-
-
-def _batched_plan(tokens: TokenMapping, ranks: list, lora_a: torch.Tensor, lora_b: torch.Tensor):
-    """(r, slot range) when two batched matmuls beat a loop over the segments, else None.
-
-    The batched path copies each token's weights cut to r, the batch's largest rank (unless the slot
-    buffers can serve in place); the loop pays a fixed overhead per segment. Choose the cheaper.
-    """
-    segments = len(tokens.segments)
-    if segments < 2:
-        return None
-    r = max(ranks[slot] for slot, _, _ in tokens.segments)
-    slot_range = _slot_range(tokens)
-    copied = tokens.num_active * r * (lora_a.shape[2] + lora_b.shape[1]) * lora_a.element_size()
-    if slot_range is None and copied > segments * SEGMENT_OVERHEAD_BYTES:
-        return None
-    return r, slot_range
+    n, segments = last - first + 1, len(tokens.segments)
+    r = max(ranks[first:last + 1])
+    if segments > 1 and tokens.num_active == segments == n:
+        return "in_place", r
+    width = lora_a.shape[2] + lora_b.shape[1]
+    used = max(ranks[slot] for slot, _, _ in tokens.segments)
+    stacked_us = tokens.num_tokens * n * r * width / MACS_PER_US
+    segments_us = segments * SEGMENT_US + tokens.num_active * used * width / MACS_PER_US
+    return ("stacked" if segments > 1 and stacked_us < segments_us else "segments"), r
 
 
 class TorchBackend:
@@ -114,11 +108,15 @@ class TorchBackend:
         if not tokens.segments:
             return
         ranks = lora_ranks.tolist()
-        plan = _batched_plan(tokens, ranks, lora_a, lora_b)
-        if plan is None:
+        shape, r = _plan(tokens, ranks, lora_a, lora_b)
+        if not r:
+            return  # no slot of the batch holds any rank
+        if shape == "segments":
             self._add_segments(y, x, lora_a, lora_b, ranks, tokens)
+        elif shape == "stacked":
+            self._add_stacked(y, x, lora_a, lora_b, r, tokens)
         else:
-            self._add_batched(y, x, lora_a, lora_b, *plan, tokens)
+            self._add_in_place(y, x, lora_a, lora_b, r, tokens)
 
     @staticmethod
     def _add_segments(y, x, lora_a, lora_b, ranks, tokens: TokenMapping) -> None:
@@ -141,25 +139,26 @@ class TorchBackend:
             y.index_add_(0, tokens.index, out)
 
     @staticmethod
-    def _add_batched(y, x, lora_a, lora_b, r: int, slot_range, tokens: TokenMapping) -> None:
-        """Two bmm over all tokens, each with its slot's weights cut to rank `r` (the batch's largest)."""
-        if not r:
-            return
-        if slot_range is not None:
-            # one token per slot and the slots are a contiguous range: the slot buffers, in slot order,
-            # already are the per-token weights
-            first, last = slot_range
-            xs = x if tokens.identity else x.index_select(0, tokens.index)  # [Ta, in], in slot order
-            a, b = lora_a[first:last + 1, :r], lora_b[first:last + 1, :, :r]  # [Ta, r, in], [Ta, out, r]
-            in_place = tokens.identity
-        else:
-            in_place = tokens.all_active  # then each token reads its own slot, in token order
-            xs = x if in_place else x.index_select(0, tokens.index)
-            slots = tokens.token_slots if in_place else tokens.active_slots
-            a = lora_a[:, :r].index_select(0, slots)  # [Ta, r, in]
-            b = lora_b[:, :, :r].index_select(0, slots)  # [Ta, out, r]
+    def _add_stacked(y, x, lora_a, lora_b, r: int, tokens: TokenMapping) -> None:
+        """Every token against every slot of the range, each keeping its own slot's part."""
+        first, last = tokens.segments[0][0], tokens.segments[-1][0]
+        n = last - first + 1
+        a = lora_a[first:last + 1, :r].reshape(n * r, -1)  # [n * r, in]: a view when r is the buffers' rank
+        b = lora_b[first:last + 1, :, :r].transpose(1, 2).reshape(n * r, -1)  # [n * r, out]
+        h = x @ a.T  # [T, n * r]
+        h.mul_(tokens.slot_mask(first, n, r, h.dtype))  # other slots' parts (and base tokens) zeroed; the
+        # padding past a slot's rank is zero in every slot buffer, so nothing non-finite is multiplied
+        y.addmm_(h, b)  # [T, n * r] @ [n * r, out]
+
+    @staticmethod
+    def _add_in_place(y, x, lora_a, lora_b, r: int, tokens: TokenMapping) -> None:
+        """One token per slot over a contiguous slot range: the slot buffers, in slot order, are the
+        per-token weights."""
+        first, last = tokens.segments[0][0], tokens.segments[-1][0]
+        xs = x if tokens.identity else x.index_select(0, tokens.index)  # [Ta, in], in slot order
+        a, b = lora_a[first:last + 1, :r], lora_b[first:last + 1, :, :r]  # [Ta, r, in], [Ta, out, r]
         h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [Ta, 1, r]
-        if in_place:
+        if tokens.identity:
             y.unsqueeze(1).baddbmm_(h, b.transpose(1, 2))  # [T, 1, out]
         else:
             y.index_add_(0, tokens.index, torch.bmm(h, b.transpose(1, 2)).squeeze(1))
