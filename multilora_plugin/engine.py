@@ -367,12 +367,7 @@ class Engine:
     def _append(self, seq: _Sequence, token: int, now: float) -> None:
         seq.output_ids.append(token)
         self.scheduler.record_tokens(seq.request_id, 1)
-        metrics = seq.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        else:
-            metrics.inter_token_s.append(now - metrics.last_token_time)
-        metrics.last_token_time = now
+        seq.metrics.token_at(now)
         params = seq.params
         seq.text.add(token)
         if token in self.eos_token_ids and not params.ignore_eos:

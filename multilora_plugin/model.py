@@ -26,7 +26,7 @@ from .config import MultiLoRAConfig, TargetModules
 from .errors import InvalidRequestError, WrapError
 from .kernels import select_backend
 from .layers import MultiLoRALinear, linear_shape, swap_linears
-from .mapping import BatchMapping, ForwardContext, expand_rows
+from .mapping import BatchMapping, ForwardContext, PackedMapping, expand_rows
 
 
 @dataclass(frozen=True)
@@ -298,8 +298,8 @@ class MultiLoRAModel(nn.Module):
         return args, kwargs
 
     def _check_mapping(self, mapping: BatchMapping, batch: Optional[int]) -> BatchMapping:
-        if not isinstance(mapping, BatchMapping) or mapping.num_slots != self.multilora_config.max_loras:
-            raise InvalidRequestError(f"`lora_mapping` should be a BatchMapping over this model's "
+        if not isinstance(mapping, (BatchMapping, PackedMapping)) or mapping.num_slots != self.multilora_config.max_loras:
+            raise InvalidRequestError(f"`lora_mapping` should be a BatchMapping or PackedMapping over this model's "
                                       f"{self.multilora_config.max_loras} slots, but got {mapping!r}")
         if batch is not None and mapping.num_rows != batch:
             raise InvalidRequestError(f"`lora_mapping` should map each of the {batch} input rows, "
@@ -329,6 +329,25 @@ class MultiLoRAModel(nn.Module):
         finally:
             self._context.generate_rows = None
             self._cache.release(held)
+
+    # transformers' continuous batching -------------------------------------------------------------
+    def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, *,
+                       adapter_names: Optional[Sequence] = None, **kwargs):
+        """transformers' `generate_batch` (continuous batching, paged KV cache) with one adapter name
+        per input (None: the base model); see `integrations.transformers_cb`."""
+        from .integrations import transformers_cb
+
+        return transformers_cb.generate_batch(self, inputs, generation_config, continuous_batching_config,
+                                              adapter_names=adapter_names, **kwargs)
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None,
+                                 workload_hints=None, **kwargs):
+        """transformers' continuous-batching manager, whose `add_request(..., adapter_name=...)` and
+        `add_requests(..., adapter_names=...)` name adapters; see `integrations.transformers_cb`."""
+        from .integrations import transformers_cb
+
+        return transformers_cb.init_continuous_batching(self, generation_config, continuous_batching_config,
+                                                        workload_hints, **kwargs)
 
     # unwrap -----------------------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:

@@ -64,6 +64,14 @@ class RequestMetrics:
     num_preemptions: int = 0
     inter_token_s: List[float] = field(default_factory=list, repr=False)  # gaps between its tokens
 
+    def token_at(self, now: float) -> None:
+        """A token of the request arrived at `now` (time.perf_counter())."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        else:
+            self.inter_token_s.append(now - self.last_token_time)
+        self.last_token_time = now
+
 
 @dataclass
 class RequestOutput:

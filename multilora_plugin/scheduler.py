@@ -258,6 +258,19 @@ class Scheduler:
         self._preemptions += 1
         return request
 
+    def defer(self, request_id: str) -> Request:
+        """Undo this step's admission of a request that the host could not start after all (its own
+        budgets ran out, or its adapter could not be placed): it waits again in its place, and no
+        preemption is counted."""
+        request = self._running.pop(request_id, None)
+        if request is None:
+            raise InvalidRequestError(f"request {request_id!r} is not running")
+        request.status = Status.WAITING
+        self._waiting[request_id] = request
+        if request.admitted_step == self._step - 1:  # admitted by the last `schedule()`: it never ran
+            request.admitted_step = None
+        return request
+
     def _preempt_for_decode(self, out: SchedulerOutput) -> None:
         budget = self.config.max_total_tokens
         while self._running and sum(r.num_tokens + 1 for r in self._running.values()) > budget:

@@ -80,6 +80,15 @@ class ArchKit:
 
         return PeftModel.from_pretrained(self.fresh(), self.paths[name]).eval()
 
+    def greedy(self, adapter, prompt, new_tokens: int) -> list:
+        """The oracle: the tokens PEFT generates greedily for `prompt` alone with `adapter` (None: the base)."""
+        model = self.peft(adapter) if adapter else self.fresh().eval()
+        ids = torch.tensor([list(prompt)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+
 
 _KITS: dict = {}
 

@@ -24,15 +24,6 @@ REQUESTS = [
 ]
 
 
-def alone(kit, prompt, adapter, new_tokens):
-    model = kit.peft(adapter) if adapter else kit.fresh().eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
-
-
 def serve(model, requests):
     """Greedy continuous batching by hand: join at the given step, leave when done. Every adapter is
     held in a slot for the whole run, and each forward gets the mapping of its rows' slots."""
@@ -81,7 +72,7 @@ def test_join_and_leave_match_peft(kit_factory, arch):
     # the KV cache goes by the argument transformers supports (`past_key_values` goes away in 5.40)
     assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
     for i, (prompt, adapter, new_tokens, _) in enumerate(REQUESTS):
-        assert got[i] == alone(kit, prompt, adapter, new_tokens), (arch, i, adapter)
+        assert got[i] == kit.greedy(adapter, prompt, new_tokens), (arch, i, adapter)
 
 
 def test_filter_to_nothing_and_concatenate_one():
