@@ -67,7 +67,7 @@ from multilora_plugin.sampling import SamplingParams
 from multilora_plugin.scheduler import POLICIES
 
 PATTERNS = ("power", "distinct", "uniform", "skewed", "identical")
-CONTESTANTS = ("engine", "no-adapter", "peft")
+CONTESTANTS = ("engine", "no-adapter", "peft", "cb-lora", "cb")
 FIRST_TOKEN_ID = 4  # the toy vocabulary's <pad>, <unk>, <s>, </s> come first
 
 
@@ -92,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--engines", type=lambda v: v.split(","), default=["ours"], metavar="ours[,transformers]",
+                   help="ours: this package's Engine with and without adapters (always); transformers: also "
+                        "transformers' own continuous batching (its manager, paged KV cache) without adapters, and "
+                        "with the adapters through integrations.transformers_cb")
+    p.add_argument("--cb-batch-tokens", type=int, default=512, help="transformers CB: tokens per forward")
     p.add_argument("--skip-peft", action="store_true", help="never run the PEFT baseline")
     p.add_argument("--peft-max-adapters", type=int, default=200,
                    help="run the PEFT baseline only for n up to this (loading many adapters into PEFT is slow)")
@@ -115,8 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         lo, hi = getattr(args, name)
         if not 1 <= lo <= hi:
             p.error(f"--{name.replace('_', '-')} should be 1 <= LO <= HI, but got {lo} {hi}")
-    if args.prompt_len[1] + args.output_len[1] > 512:  # the toy model's max_position_embeddings
-        p.error("the longest prompt + output should fit the model's 512 positions")
+    if not set(args.engines) <= {"ours", "transformers"} or "ours" not in args.engines:
+        p.error(f"--engines should be ours or ours,transformers, but got {','.join(args.engines)}")
+    if "transformers" in args.engines and not (args.rate == 0 or math.isinf(args.rate)):
+        p.error("--engines transformers runs offline (every request at t = 0): use --rate inf")
     if args.rate < 0 or args.cv < 0 or not 0 <= args.base_fraction <= 1:
         p.error("--rate and --cv should be >= 0 and --base-fraction in [0, 1]")
     if args.pattern == "power" and not args.alpha > 0:
@@ -194,7 +201,8 @@ def without_adapters(workload: List[TraceRequest]) -> List[TraceRequest]:
 # model and adapters -----------------------------------------------------------------------------------
 def build_base(args) -> torch.nn.Module:
     return toy.tiny_model("llama", seed=args.seed, hidden_size=args.hidden, num_layers=args.layers,
-                          num_heads=args.heads, intermediate_size=args.hidden * 43 // 16, vocab_size=args.vocab)
+                          num_heads=args.heads, intermediate_size=args.hidden * 43 // 16, vocab_size=args.vocab,
+                          max_positions=max(512, args.prompt_len[1] + args.output_len[1]))
 
 
 def write_adapters(base, root: str, count: int, args, chunk: int = 50) -> Dict[str, str]:
@@ -285,6 +293,56 @@ def run_engine(model, workload: List[TraceRequest], args, desc: str) -> RunResul
     return RunResult(seconds, tokens, latency, ttft, stats, errors)
 
 
+def run_transformers(model, workload: List[TraceRequest], args, desc: str, lora: bool) -> RunResult:
+    """transformers' continuous batching (its manager and paged KV cache), every request added at
+    t = 0 with its own max_new_tokens; `lora`: the wrapped model through integrations.transformers_cb,
+    each request with its adapter; else a plain copy of the base model and no adapters."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in workload)
+    page = 16
+    config = ContinuousBatchingConfig(
+        page_size=page, max_batch_tokens=args.cb_batch_tokens, max_requests_per_batch=args.max_num_seqs,
+        num_blocks=args.max_num_seqs * -(-longest // page) + 8, use_cuda_graph=False, use_async_batching=False,
+        allow_block_sharing=False)
+    generation = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0,
+                                  max_new_tokens=max(r.max_new_tokens for r in workload))
+    manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+    tokens, latency, errors = {}, [], []
+    manager.start()
+    try:
+        with tqdm(total=len(workload), desc=desc, unit="req", leave=False, disable=not args.progress) as bar:
+            start = time.perf_counter()
+            for r in workload:
+                extra = {"adapter_name": r.adapter} if lora else {}
+                manager.add_request(list(r.prompt_ids), request_id=r.request_id, max_new_tokens=r.max_new_tokens,
+                                    **extra)
+            while len(tokens) < len(workload):
+                result = manager.get_result(timeout=60)
+                if result is None:
+                    raise RuntimeError(f"{desc}: no result for 60 s with {len(workload) - len(tokens)} unanswered")
+                if not result.is_finished():
+                    continue
+                tokens[result.request_id] = list(result.generated_tokens)
+                latency.append(time.perf_counter() - start)
+                if result.error is not None:
+                    errors.append(f"{result.request_id}: {result.error}")
+                bar.update(1)
+            seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True, timeout=30)
+        manager.destroy()
+    stats = None
+    if lora:
+        cache = model.adapter_cache.stats()
+        stats = dict(adapter_swaps=cache.gpu_evictions, slot_swaps=cache.slot_swaps, gpu_misses=cache.gpu_misses,
+                     cpu_misses=cache.cpu_misses, disk_loads=cache.loads, preemptions=math.nan, steps=math.nan,
+                     generated_tokens=sum(len(t) for t in tokens.values()))
+        model.adapter_cache.close()
+    return RunResult(seconds, tokens, latency, [], stats, errors)
+
+
 def left_pad(prompts: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -340,6 +398,11 @@ def contestants(base, paths: Dict[str, str], peft, args) -> Dict[str, Callable[.
         "no-adapter": lambda workload, a: run_engine(engine_model(base, {}, a), without_adapters(workload), a,
                                                      "no-adapter"),
     }
+    if "transformers" in args.engines:
+        runs["cb-lora"] = lambda workload, a: run_transformers(engine_model(base, paths, a), workload, a, "cb-lora",
+                                                               lora=True)
+        runs["cb"] = lambda workload, a: run_transformers(copy.deepcopy(base), without_adapters(workload), a, "cb",
+                                                          lora=False)
     if peft is not None:
         runs["peft"] = lambda workload, a: run_peft(peft, workload, a, "peft")
     return runs
@@ -429,6 +492,12 @@ def sweep_point(base, paths: Dict[str, str], n: int, args) -> dict:
     if "peft" in results:
         bad = mismatches(results["engine"][0], results["peft"][0])
         point["mismatches"], point["mismatched_ids"] = len(bad), bad[:10]
+    if "cb" in results:
+        for ours, theirs in (("cb-lora", "cb"), ("engine", "cb-lora"), ("no-adapter", "cb")):
+            point[f"{ours}_vs_{theirs}"] = statistics.median(
+                b.seconds / a.seconds for a, b in zip(results[ours], results[theirs]))
+        point["cb_mismatches"] = len(mismatches(results["cb-lora"][0], results["engine"][0]))
+        point["cb_base_mismatches"] = len(mismatches(results["cb"][0], results["no-adapter"][0]))
     return point
 
 
@@ -490,6 +559,20 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
             f"{fmt(vs_peft, '.2f') + '×' if vs_peft else '—'} | {p['engine_vs_no-adapter']:.2f}× | "
             f"{p.get('mismatches', '—')} | {fmt(p.get('peft_load_s'), '.2f')} |"
         )
+    if "cb" in points[0]["contestants"]:
+        lines += ["", "transformers' continuous batching (its manager and paged KV cache; max_batch_tokens "
+                      f"{args.cb_batch_tokens}, max_requests_per_batch {args.max_num_seqs}, 16-token pages) without "
+                      "adapters (cb), and with the adapters through integrations.transformers_cb (cb-lora):", "",
+                  "| n | cb-lora tok/s | cb tok/s | cb-lora / cb | engine tok/s | no-adapter tok/s | engine / cb-lora | "
+                  "no-adapter / cb | tokens cb-lora ≠ engine | tokens cb ≠ no-adapter |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in points:
+            c = p["contestants"]
+            lines.append(
+                f"| {p['n']} | {c['cb-lora']['tokens_per_s']:.1f} | {c['cb']['tokens_per_s']:.1f} | "
+                f"{p['cb-lora_vs_cb']:.2f}× | {c['engine']['tokens_per_s']:.1f} | {c['no-adapter']['tokens_per_s']:.1f} | "
+                f"{p['engine_vs_cb-lora']:.2f}× | {p['no-adapter_vs_cb']:.2f}× | {p['cb_mismatches']} | "
+                f"{p['cb_base_mismatches']} |")
     lines += ["", "Ratios: the median over rounds of the ratio within a round. Engine steps against the fewest "
                   "possible with max_loras slots when all requests arrive at once (sum over adapters of their "
                   "longest output / max_loras; the no-adapter engine's steps bound it too):", "",

@@ -71,7 +71,15 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
     from .integrations.server import create_app
 
     print(f"loading {engine_args.model or 'the demo model'} ...")
-    if args.engine_process:
+    if args.engine == "transformers":
+        from .integrations.cb_backend import TransformersBackend
+
+        if engine_args.adapter_dir is not None:
+            raise ValueError("--adapter-dir is not supported with --engine transformers yet; give --adapter NAME=PATH")
+        model, tokenizer = engine_args.build_model()
+        backend = TransformersBackend(model, tokenizer, max_concurrent_requests=args.max_concurrent_requests,
+                                      max_model_len=engine_args.max_model_len, max_num_seqs=engine_args.max_num_seqs)
+    elif args.engine_process:
         from .integrations.engine_process import EngineProcess
 
         backend = EngineProcess(engine_args, max_concurrent_requests=args.max_concurrent_requests,
@@ -80,7 +88,8 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
         backend = engine_args.build()
     app = create_app(backend, served_model_name=engine_args.model_name,
                      max_concurrent_requests=args.max_concurrent_requests, access=_access(args))
-    where = "in its own process" if args.engine_process else "in this process"
+    where = ("transformers' continuous batching" if args.engine == "transformers"
+             else "in its own process" if args.engine_process else "in this process")
     print(f"serving {engine_args.model_name!r} with {len(app.state.server.backend.adapters())} adapters, "
           f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port} (engine {where})")
     try:
@@ -155,6 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "(default: $MULTILORA_API_KEY, else none)")
     server.add_argument("--max-request-chars", type=int, default=1_000_000,
                         help="longest prompt or chat, in characters, before it is tokenized (413 above)")
+    server.add_argument("--engine", choices=("multilora", "transformers"), default="multilora",
+                        help="multilora: this package's engine; transformers: transformers' own continuous batching "
+                             "(paged KV cache) with mixed adapters, greedy decoding only")
     server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine in a process of its own, so that its step loop never waits for the "
                              "event loop's share of the GIL (as vLLM's engine core); --no-engine-process keeps it "

@@ -47,7 +47,8 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 128,
-                num_heads: int = 4, intermediate_size: Optional[int] = None, initializer_range: float = 0.1):
+                num_heads: int = 4, intermediate_size: Optional[int] = None, initializer_range: float = 0.1,
+                max_positions: int = 512):
     """A transformers config for a tiny decoder-only model of architecture `arch`."""
     from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
                               Qwen2Config)
@@ -57,7 +58,7 @@ def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_
                   bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     llama_like = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                       num_key_value_heads=max(1, num_heads // 2), intermediate_size=inter,
-                      max_position_embeddings=512, **common)
+                      max_position_embeddings=max_positions, **common)
     if arch == "llama":
         return LlamaConfig(**llama_like)
     if arch == "mistral":
@@ -66,14 +67,14 @@ def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_
         return Qwen2Config(use_sliding_window=False, **llama_like)  # q/k/v carry biases
     if arch == "gpt2":
         return GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=inter,
-                          n_positions=512, **common)
+                          n_positions=max_positions, **common)
     if arch == "opt":
         return OPTConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         ffn_dim=inter, max_position_embeddings=512, word_embed_proj_dim=hidden_size,
+                         ffn_dim=inter, max_position_embeddings=max_positions, word_embed_proj_dim=hidden_size,
                          enable_bias=True, **common)
     if arch == "gpt_neox":
         return GPTNeoXConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                             intermediate_size=inter, max_position_embeddings=512, rotary_pct=0.5, **common)
+                             intermediate_size=inter, max_position_embeddings=max_positions, rotary_pct=0.5, **common)
     raise ValueError(f"`arch` should be one of {ARCHITECTURES}, but got {arch!r}")
 
 

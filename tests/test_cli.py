@@ -36,11 +36,13 @@ def test_demo_reports_a_mismatch(monkeypatch, capsys):
     assert f"{adapter_rows} output(s) differ from PEFT" in out
 
 
-@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "engine-in-process"])
-def test_serve_a_model_directory(monkeypatch, tmp_path, engine_process):
+@pytest.mark.parametrize("engine", [[], ["--no-engine-process"], ["--engine", "transformers"]],
+                         ids=["engine-process", "engine-in-process", "transformers-cb"])
+def test_serve_a_model_directory(monkeypatch, tmp_path, engine):
     """`multilora serve --model DIR --adapter NAME=PATH` loads both from disk and serves them; the
     app uvicorn would run is started here on a free port and asked for one completion per model.
-    The engine runs in a process of its own, or (--no-engine-process) in this one."""
+    The engine runs in a process of its own, in this one (--no-engine-process), or is transformers'
+    continuous batching."""
     import httpx
     import uvicorn
 
@@ -64,14 +66,14 @@ def test_serve_a_model_directory(monkeypatch, tmp_path, engine_process):
     monkeypatch.setattr(uvicorn, "run", run)
     args = ["serve", "--model", str(tmp_path / "model"), "--adapter", f"sql={adapter}", "--max-loras", "2",
             "--served-model-name", "tiny", "--port", "8123", "--cpu-threads", "1"]
-    args += [] if engine_process else ["--no-engine-process"]
+    args += engine
     threads = torch.get_num_threads()
     try:
         assert cli.main(args) == 0
     finally:
         torch.set_num_threads(threads)
     assert answers["bind"] == ("127.0.0.1", 8123)
-    if not engine_process:  # else set in the engine's process
+    if engine:  # else set in the engine's process
         assert answers["threads"] == 1
     assert answers["models"] == ["tiny", "sql"]
     assert answers["sql"] and answers["tiny"] and answers["sql"] != answers["tiny"]

@@ -59,6 +59,17 @@ class EngineArgs:
 
     def build(self):
         """Load the model and tokenizer, wrap the model, register `adapters`; returns an `Engine`."""
+        import multilora_plugin
+
+        model, tokenizer = self.build_model()
+        engine_args = {"max_num_seqs": self.max_num_seqs}
+        if self.max_model_len:
+            engine_args["max_model_len"] = self.max_model_len
+        return multilora_plugin.Engine(model, tokenizer, adapter_dir=self.adapter_dir, **engine_args)
+
+    def build_model(self) -> tuple:
+        """(the wrapped model with `adapters` registered, the tokenizer), for a host with an engine
+        of its own (transformers' continuous batching)."""
         import torch
 
         import multilora_plugin
@@ -80,10 +91,7 @@ class EngineArgs:
                                       max_cpu_loras=self.max_cpu_loras)
         for name, path in self.adapters.items():
             model.register_adapter(name, path)
-        engine_args = {"max_num_seqs": self.max_num_seqs}
-        if self.max_model_len:
-            engine_args["max_model_len"] = self.max_model_len
-        return multilora_plugin.Engine(model, tokenizer, adapter_dir=self.adapter_dir, **engine_args)
+        return model, tokenizer
 
     def load_tokenizer(self):
         if self.model is None:

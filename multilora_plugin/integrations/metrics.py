@@ -77,36 +77,63 @@ class Sample(NamedTuple):
     values: Tuple[Tuple[Tuple[str, ...], float], ...]  # (label values, value) per series
 
 
+def _one(kind: str, name: str, documentation: str, value: float) -> Sample:
+    return Sample(MetricSpec(kind, name, documentation), (((), value),))
+
+
 def engine_samples(engine, in_flight: Optional[Callable[[], int]] = None) -> Iterator[Sample]:
     """The engine's gauges and cumulative counters, read now."""
     stats = engine.stats()
-    cache = engine.model.memory_stats()
-    slots = stats.slot_contents
-
-    def one(kind: str, name: str, documentation: str, value: float) -> Sample:
-        return Sample(MetricSpec(kind, name, documentation), (((), value),))
-
-    yield one("gauge", "multilora_requests_running", "Requests in the running batch.", stats.running)
-    yield one("gauge", "multilora_requests_waiting", "Requests queued, not running.", stats.waiting)
+    yield _one("gauge", "multilora_requests_running", "Requests in the running batch.", stats.running)
+    yield _one("gauge", "multilora_requests_waiting", "Requests queued, not running.", stats.waiting)
     if in_flight is not None:
-        yield one("gauge", "multilora_requests_in_flight", "Requests the server holds (queued or running).",
-                  in_flight())
-    yield one("gauge", "multilora_slots", "Adapter slots of the model (max_loras).", len(slots))
-    yield one("gauge", "multilora_slots_in_use", "Slots holding an adapter.", sum(name != EMPTY for name in slots))
-    yield one("gauge", "multilora_cpu_adapters", "Adapters whose weights are in CPU memory (at most "
-              "max_cpu_loras).", cache.cpu_entries)
-    yield one("gauge", "multilora_max_cpu_loras", "Bound of the CPU tier of the adapter cache.", cache.max_cpu_loras)
+        yield _one("gauge", "multilora_requests_in_flight", "Requests the server holds (queued or running).",
+                   in_flight())
+    yield from adapter_cache_samples(engine.model)
+    yield _one("counter", "multilora_preemptions", "Requests preempted (to resume later).", stats.preemptions)
+    yield _one("counter", "multilora_steps", "Engine steps run.", stats.steps)
+
+
+def adapter_cache_samples(model) -> Iterator[Sample]:
+    """A wrapped model's adapter cache: slots, the CPU tier, hits and misses per tier, swaps."""
+    cache = model.memory_stats()
+    slots = model.slot_contents()
+    yield _one("gauge", "multilora_slots", "Adapter slots of the model (max_loras).", len(slots))
+    yield _one("gauge", "multilora_slots_in_use", "Slots holding an adapter.", sum(name != EMPTY for name in slots))
+    yield _one("gauge", "multilora_cpu_adapters", "Adapters whose weights are in CPU memory (at most "
+               "max_cpu_loras).", cache.cpu_entries)
+    yield _one("gauge", "multilora_max_cpu_loras", "Bound of the CPU tier of the adapter cache.", cache.max_cpu_loras)
     yield Sample(MetricSpec("counter", "multilora_adapter_cache_hits", "Adapter look-ups answered by a tier "
                             "(gpu: already in a slot; cpu: in CPU memory).", ("tier",)),
-                 ((("gpu",), stats.gpu_hits), (("cpu",), stats.cpu_hits)))
+                 ((("gpu",), cache.gpu_hits), (("cpu",), cache.cpu_hits)))
     yield Sample(MetricSpec("counter", "multilora_adapter_cache_misses", "Adapter look-ups a tier could not "
                             "answer (cpu misses read the disk).", ("tier",)),
-                 ((("gpu",), stats.gpu_misses), (("cpu",), stats.cpu_misses)))
-    yield one("counter", "multilora_slot_swaps", "Slot buffers rewritten with another adapter.", stats.slot_swaps)
-    yield one("counter", "multilora_adapter_swaps", "Times an adapter was pushed out of its slot (to make room, "
-              "or evicted).", stats.adapter_swaps)
-    yield one("counter", "multilora_preemptions", "Requests preempted (to resume later).", stats.preemptions)
-    yield one("counter", "multilora_steps", "Engine steps run.", stats.steps)
+                 ((("gpu",), cache.gpu_misses), (("cpu",), cache.cpu_misses)))
+    yield _one("counter", "multilora_slot_swaps", "Slot buffers rewritten with another adapter.", cache.slot_swaps)
+    yield _one("counter", "multilora_adapter_swaps", "Times an adapter was pushed out of its slot (to make room, "
+               "or evicted).", cache.gpu_evictions)
+
+
+class RequestSeries:
+    """`REQUEST_METRICS` as prometheus_client series in `registry`, observed as requests end."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.series = {}
+        for key, spec in REQUEST_METRICS.items():
+            if spec.kind == "histogram":
+                metric = Histogram(spec.name, spec.documentation, spec.labels, buckets=LATENCY_BUCKETS,
+                                   registry=registry)
+            else:
+                metric = Counter(spec.name, spec.documentation, spec.labels, registry=registry)
+            self.series[key] = metric
+
+    def observe(self, request, output) -> None:
+        for key, labels, value in finished_request_samples(request, output):
+            metric = self.series[key].labels(*labels)
+            if REQUEST_METRICS[key].kind == "histogram":
+                metric.observe(value)
+            else:
+                metric.inc(value)
 
 
 class EngineMetrics:
@@ -121,15 +148,8 @@ class EngineMetrics:
         self.engine = engine
         self.registry = registry if registry is not None else CollectorRegistry()
         self.in_flight = in_flight
-        self.series = {}
-        for key, spec in REQUEST_METRICS.items():
-            if spec.kind == "histogram":
-                metric = Histogram(spec.name, spec.documentation, spec.labels, buckets=LATENCY_BUCKETS,
-                                   registry=self.registry)
-            else:
-                metric = Counter(spec.name, spec.documentation, spec.labels, registry=self.registry)
-            self.series[key] = metric
-        self.registry.register(_EngineCollector(engine, in_flight))
+        self.requests = RequestSeries(self.registry)
+        self.registry.register(SampleCollector(lambda: engine_samples(engine, in_flight)))
         engine.plugins.register(self, name="prometheus")
 
     def render(self) -> bytes:
@@ -137,26 +157,20 @@ class EngineMetrics:
 
     @hookimpl
     def multilora_request_finished(self, request, output) -> None:
-        for key, labels, value in finished_request_samples(request, output):
-            metric = self.series[key].labels(*labels)
-            if REQUEST_METRICS[key].kind == "histogram":
-                metric.observe(value)
-            else:
-                metric.inc(value)
+        self.requests.observe(request, output)
 
 
-class _EngineCollector:
-    """`engine_samples`, read at scrape time."""
+class SampleCollector:
+    """Samples read at scrape time (`samples()`: an iterator of `Sample`)."""
 
-    def __init__(self, engine, in_flight: Optional[Callable[[], int]]) -> None:
-        self.engine = engine
-        self.in_flight = in_flight
+    def __init__(self, samples: Callable[[], Iterator[Sample]]) -> None:
+        self.samples = samples
 
     def describe(self):
         return []  # values are read at collect time only
 
     def collect(self):
-        for spec, values in engine_samples(self.engine, self.in_flight):
+        for spec, values in self.samples():
             family = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
             metric = family(spec.name, spec.documentation, labels=list(spec.labels))
             for labels, value in values:

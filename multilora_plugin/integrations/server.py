@@ -125,7 +125,7 @@ class EngineBackend:
         self.max_model_len = engine.max_model_len
         self.async_engine = AsyncEngine(engine, max_concurrent_requests=max_concurrent_requests)
         self.metrics = EngineMetrics(engine, in_flight=lambda: self.async_engine.num_requests)
-        self.default_model_name = _model_name(engine.model)
+        self.default_model_name = model_name(engine.model)
 
     @property
     def max_concurrent_requests(self) -> int:
@@ -253,7 +253,8 @@ def describe_model(model) -> dict:
             "model_type": getattr(model.config, "model_type", None)}
 
 
-def _model_name(model) -> str:
+def model_name(model) -> str:
+    """The base model's name in the OpenAI API, unless the operator gives one."""
     name = getattr(model.config, "_name_or_path", "") or ""
     return name or getattr(model.config, "model_type", None) or "base"
 
