@@ -49,6 +49,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer(
             "lora_ranks", torch.zeros(max_loras, device=weight.device, dtype=torch.int32), persistent=False
         )  # [S]
+        self.host_ranks = [0] * max_loras  # lora_ranks on the host, kept when a slot is written: no device sync
         self.context = context
         self.backend = backend
 
@@ -60,7 +61,7 @@ class MultiLoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [T, in]
         y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
         tokens = mapping.tokens(x2.shape[0], x.device)
-        self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens)
+        self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
         return y
 
     @torch.no_grad()
@@ -75,6 +76,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_a[slot, :rank].copy_(a, non_blocking=non_blocking)
             self.lora_b[slot, :, :rank].copy_(b, non_blocking=non_blocking)
         self.lora_ranks[slot].fill_(rank)
+        self.host_ranks[slot] = rank
 
     def slot_bytes(self) -> int:
         """Memory the slot buffers reserve."""

@@ -12,17 +12,20 @@
   slot buffers, in slot order, already are the per-token weights; two batched matmuls.
 
 The choice between segments and stacked weighs their cost in microseconds: the arithmetic of each,
-plus a fixed cost per segment (`SEGMENT_US`), both measured with benchmarks/bench_kernels.py on the
-2-core CPU these numbers come from (`MACS_PER_US`).
+the weights the stacked path copies, and a fixed cost per segment (`MACS_PER_US`, `COPY_BYTES_PER_US`,
+`SEGMENT_US`, measured with benchmarks/bench_kernels.py on the 2-core CPU these numbers come from).
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 
 from ..mapping import TokenMapping
 
 MACS_PER_US = 70_000  # fp32 multiply-adds per microsecond of small matmuls (2 cores)
+COPY_BYTES_PER_US = 10_000  # copying weights (the stacked path's [n * r, out] B, and A cut below the buffers' rank)
 SEGMENT_US = 25  # one more segment in the loop: two small matmuls and their slicing
 
 
@@ -36,7 +39,8 @@ def _plan(tokens: TokenMapping, ranks: list, lora_a: torch.Tensor, lora_b: torch
         return "in_place", r
     width = lora_a.shape[2] + lora_b.shape[1]
     used = max(ranks[slot] for slot, _, _ in tokens.segments)
-    stacked_us = tokens.num_tokens * n * r * width / MACS_PER_US
+    copied = n * r * (lora_b.shape[1] + (lora_a.shape[2] if r < lora_a.shape[1] else 0)) * lora_a.element_size()
+    stacked_us = tokens.num_tokens * n * r * width / MACS_PER_US + copied / COPY_BYTES_PER_US
     segments_us = segments * SEGMENT_US + tokens.num_active * used * width / MACS_PER_US
     return ("stacked" if segments > 1 and stacked_us < segments_us else "segments"), r
 
@@ -93,6 +97,7 @@ class TorchBackend:
         lora_b: torch.Tensor,
         lora_ranks: torch.Tensor,
         tokens: TokenMapping,
+        host_ranks: Optional[Sequence[int]] = None,
     ) -> None:
         """Add the LoRA delta of every token's slot to `y` (shrink and expand in one call).
 
@@ -104,10 +109,11 @@ class TorchBackend:
           lora_a:     [S, R, in]
           lora_b:     [S, out, R]  scaling already folded in
           lora_ranks: [S] int32; the padding past a slot's rank is never read
+          host_ranks: the same on the host (the layer keeps them), so that no layer waits for the device
         """
         if not tokens.segments:
             return
-        ranks = lora_ranks.tolist()
+        ranks = lora_ranks.tolist() if host_ranks is None else host_ranks
         shape, r = _plan(tokens, ranks, lora_a, lora_b)
         if not r:
             return  # no slot of the batch holds any rank

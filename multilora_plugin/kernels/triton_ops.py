@@ -79,10 +79,11 @@ class TritonBackend:
                                             tokens.seg_starts, tokens.seg_lens, tokens.max_segment_len)
 
     def add_lora(self, y: _Tensor, x: _Tensor, lora_a: _Tensor, lora_b: _Tensor, lora_ranks: _Tensor,
-                 tokens: TokenMapping) -> None:
+                 tokens: TokenMapping, host_ranks=None) -> None:
         """Semantics:
           y[i] += x[i] @ lora_a[s].T @ lora_b[s].T      for every token i with slot s >= 0
-        Shapes as in `TorchBackend.add_lora`; the fp32 intermediate h is [T, R].
+        Shapes as in `TorchBackend.add_lora`; the fp32 intermediate h is [T, R]. The kernels read the
+        ranks on the device (`host_ranks` is not needed).
         """
         if not tokens.segments:
             return
