@@ -17,7 +17,7 @@ _EXPORTS = {
     "EMPTY": "adapters", "AdapterEvent": "adapters", "AdapterState": "adapters", "CacheStats": "adapters",
     "MultiLoRAConfig": "config", "Engine": "engine", "hookimpl": "hooks", "MultiLoRALinear": "layers",
     "LLM": "llm", "BatchMapping": "mapping", "SamplingParams": "sampling", "SchedulerConfig": "scheduler",
-    "BASE_MODEL": "model", "AdapterInfo": "model", "MultiLoRAModel": "model", "wrap": "model",
+    "BASE_MODEL": "adapters", "AdapterInfo": "model", "MultiLoRAModel": "model", "wrap": "wrapping",
     **dict.fromkeys(["CompletionOutput", "EngineRequest", "EngineStats", "LoRARequest", "RequestOutput",
                      "StepStats"], "outputs"),
     **dict.fromkeys(["AdapterExistsError", "AdapterLoadError", "AdapterNotFoundError", "CapacityError",
@@ -44,9 +44,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
     from .adapters import EMPTY, AdapterEvent, AdapterState, CacheStats  # noqa: F401
     from .engine import Engine  # noqa: F401
     from .llm import LLM  # noqa: F401
-    from .model import BASE_MODEL, AdapterInfo, MultiLoRAModel, wrap  # noqa: F401
+    from .adapters import BASE_MODEL  # noqa: F401
+    from .model import AdapterInfo, MultiLoRAModel  # noqa: F401
+    from .wrapping import wrap  # noqa: F401
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "BASE_MODEL",

@@ -131,7 +131,7 @@ def _serve_ray(engine_args, args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .integrations.engine_args import EngineArgs
 
-    from . import __version__
+    from .version import __version__
 
     shown = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="multilora", description="Serve many LoRA adapters on one model.")

@@ -21,7 +21,7 @@ from .engine import Engine
 from .integrations.local import running_server
 from .integrations.server import create_app
 from .llm import LLM
-from .model import wrap
+from .wrapping import wrap
 from .outputs import LoRARequest
 from .sampling import SamplingParams
 from .toy import DEMO_ADAPTERS

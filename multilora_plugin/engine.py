@@ -44,6 +44,7 @@ from .detokenize import OutputText
 from .errors import CapacityError, ConfigError, InvalidRequestError, MultiLoRAError
 from .hooks import AdapterDirectory, AdapterRegistry, EngineStatistics, Plugins
 from .mapping import BatchMapping
+from .model import MultiLoRAModel
 from .outputs import (
     CompletionOutput,
     EngineRequest,
@@ -112,8 +113,6 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, plugins: Iterable[Any] = (), load_entrypoints: bool = True,
                  adapter_dir: "str | os.PathLike | None" = None, **engine_args: Any) -> None:
-        from .model import MultiLoRAModel
-
         if not isinstance(model, MultiLoRAModel):
             raise ConfigError(f"expected a model returned by multilora_plugin.wrap(...), but got {type(model).__name__}")
         Batch.check_model(model)

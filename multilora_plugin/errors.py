@@ -65,3 +65,7 @@ class RequestRejected(MultiLoRAError, ValueError):
 
 class PluginError(MultiLoRAError, RuntimeError):
     """A plugin could not be loaded, or raised an unexpected error in a hook that decides a request."""
+
+
+class GenerationFailed(MultiLoRAError, RuntimeError):
+    """The model failed while generating a request (HTTP 500)."""

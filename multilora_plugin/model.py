@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from peft import PeftModel
+from peft import PeftMixedModel, PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .adapters import (
@@ -22,7 +23,7 @@ from .adapters import (
     read_adapter,
     read_source,
 )
-from .config import MultiLoRAConfig, TargetModules
+from .config import MultiLoRAConfig
 from .errors import InvalidRequestError, WrapError
 from .kernels import select_backend
 from .layers import MultiLoRALinear, linear_shape, swap_linears
@@ -40,32 +41,6 @@ class AdapterInfo:
     alpha: float  # `lora_alpha` of the config (per-module patterns may differ)
     num_bytes: Optional[int]  # CPU memory held by its weights; None while not in memory
     target_modules: Optional[tuple]  # the wrapped modules it changes; None while not in memory
-
-
-def wrap(
-    model: nn.Module,
-    *,
-    max_loras: int = 4,
-    max_lora_rank: int = 16,
-    max_cpu_loras: Optional[int] = None,
-    target_modules: TargetModules = "all-linear",
-    backend: str = "auto",
-) -> "MultiLoRAModel":
-    """Patch `model`'s linear layers into slot-indexed multi-LoRA layers and return the facade.
-
-    The model is changed in place (`MultiLoRAModel.unwrap()` restores it). See `MultiLoRAConfig`.
-    A `peft.PeftModel` of LoRA adapters is taken apart (see `integrations.peft.wrap_peft_model`):
-    its base model is wrapped and every adapter is served under its PEFT name.
-    """
-    config = MultiLoRAConfig(
-        max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-        target_modules=target_modules, backend=backend,
-    )
-    if isinstance(model, PeftModel):
-        from .integrations.peft import wrap_peft_model  # it imports this module
-
-        return wrap_peft_model(model, config)
-    return MultiLoRAModel(model, config)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
@@ -87,7 +62,8 @@ class MultiLoRAModel(nn.Module):
             raise WrapError("expected an unwrapped transformers model, but got a MultiLoRAModel (already wrapped)")
         if not isinstance(model, nn.Module):
             raise WrapError(f"expected a torch nn.Module (a transformers model), but got {type(model).__name__}")
-        if type(model).__name__.startswith("Peft") or hasattr(model, "peft_config"):
+        if isinstance(model, (PeftModel, PeftMixedModel, BaseTuner)) or any(
+                isinstance(m, BaseTunerLayer) for m in model.modules()):  # a PeftModel or its patched base
             raise WrapError(
                 f"expected a plain transformers model, but got a PEFT model ({type(model).__name__}); "
                 "pass the peft.PeftModel itself to `multilora_plugin.wrap()`, which serves its LoRA adapters"
@@ -334,8 +310,8 @@ class MultiLoRAModel(nn.Module):
     def generate_batch(self, inputs, generation_config=None, continuous_batching_config=None, *,
                        adapter_names: Optional[Sequence] = None, **kwargs):
         """transformers' `generate_batch` (continuous batching, paged KV cache) with one adapter name
-        per input (None: the base model); see `integrations.transformers_cb`."""
-        from .integrations import transformers_cb
+        per input (None: the base model); see `transformers_cb`."""
+        from . import transformers_cb
 
         return transformers_cb.generate_batch(self, inputs, generation_config, continuous_batching_config,
                                               adapter_names=adapter_names, **kwargs)
@@ -343,8 +319,8 @@ class MultiLoRAModel(nn.Module):
     def init_continuous_batching(self, generation_config=None, continuous_batching_config=None,
                                  workload_hints=None, **kwargs):
         """transformers' continuous-batching manager, whose `add_request(..., adapter_name=...)` and
-        `add_requests(..., adapter_names=...)` name adapters; see `integrations.transformers_cb`."""
-        from .integrations import transformers_cb
+        `add_requests(..., adapter_names=...)` name adapters; see `transformers_cb`."""
+        from . import transformers_cb
 
         return transformers_cb.init_continuous_batching(self, generation_config, continuous_batching_config,
                                                         workload_hints, **kwargs)

@@ -1,4 +1,4 @@
-"""Mixed adapters inside transformers' continuous batching (`integrations.transformers_cb`): every
+"""Mixed adapters inside transformers' continuous batching (`transformers_cb`): every
 request equals PEFT alone with its adapter (greedy), with fewer slots than adapters; streaming and
 cancel through the manager; a broken adapter fails its own requests; what is refused."""
 
@@ -15,7 +15,7 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 
 import multilora_plugin
 from multilora_plugin import AdapterNotFoundError, ConfigError, InvalidRequestError, toy
-from multilora_plugin.integrations.transformers_cb import check_transformers_version
+from multilora_plugin.transformers_cb import check_transformers_version
 
 ADAPTERS = [None, "all4", "attn8_rs", "mlp16_l1", "regex_pat"]
 PROMPTS = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44, 45], [8], [70, 3, 19], [33, 34, 35, 36, 37, 38, 39, 30],

@@ -12,13 +12,8 @@ the name is replaced, unloaded or registered again meanwhile: the new content ta
 the old one is freed by its last release, so a running request finishes on the weights it started
 with. A replace of a content nobody holds lands in the same slot at the next `sync()`. Tiers are
 inclusive (a content in a slot keeps its CPU copy); only older contents still held may take the CPU
-tier past its bound. Per name the state is
-
-    COLD ──► LOADING ──► CPU ◄──► ACTIVE          EVICTING: unloaded while a running batch still
-      ▲                   │                       holds its last content; gone at its release
-      └───────────────────┘  (CPU LRU eviction)
-
-and every change is an `AdapterEvent` sent to the listeners. docs/architecture.md has the rules.
+tier past its bound. Per name the state (COLD, LOADING, CPU, ACTIVE, EVICTING) is derived from these
+tables, and every change is an `AdapterEvent` sent to the listeners. docs/architecture.md has the rules.
 
 Threads: any method from any thread; one lock guards the tables. Disk reads run outside it, on the
 thread that needs the adapter or on the prefetch pool, one at a time per adapter (later callers wait
@@ -57,7 +52,7 @@ class AdapterCache:
         self._lock = threading.RLock()
         self._events = EventQueue(self._lock)
         self.listeners = self._events.listeners  # called with each AdapterEvent, outside the lock
-        self.residency = _ResidencyView(self)  # what the scheduler may ask
+        self.residency = self  # what the scheduler may ask (`scheduler.Residency`): is_resident, fits
         self._reads, self._write = Reads(read, prefetch_workers), write
         self._slot_buffer_bytes = slot_buffer_bytes
         self._entries: dict = {}  # name → Entry, every registered adapter
@@ -226,6 +221,22 @@ class AdapterCache:
             return
         with self._lock:
             self._counters.slot_swaps += self._slots.sync(lambda cid: self._live[cid].weights, self._write)
+
+    # residency, as the scheduler asks it (`scheduler.Residency`) -----------------------------------
+    def is_resident(self, name: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is not None and entry.content is not None and entry.content.id in self._slots
+
+    def fits(self, names: Collection[str]) -> bool:
+        with self._lock:
+            needed = set(names)
+            kept = 0  # slots that stay taken whatever is placed: held or pinned contents of other names
+            for cid in self._slots.contents():
+                if cid is not EMPTY and self._protected(cid):
+                    content = self._live[cid]
+                    kept += not (content.name in needed and self._is_current(content))
+            return kept + len(needed) <= self._slots.num_slots
 
     # introspection ----------------------------------------------------------------------------------
     def contents(self) -> tuple:
@@ -469,27 +480,3 @@ class AdapterCache:
         new = self._state(entry)
         slot = None if entry.content is None else self._slots.slot_of(entry.content.id)
         self._events.emit(entry.source.name, old, new, slot)
-
-
-class _ResidencyView:
-    """The scheduler's read-only view of the slots (`scheduler.Residency`): it asks, never mirrors."""
-
-    def __init__(self, cache: AdapterCache) -> None:
-        self._cache = cache
-
-    def is_resident(self, name: str) -> bool:
-        cache = self._cache
-        with cache._lock:
-            entry = cache._entries.get(name)
-            return entry is not None and entry.content is not None and entry.content.id in cache._slots
-
-    def fits(self, names: Collection[str]) -> bool:
-        cache = self._cache
-        with cache._lock:
-            needed = set(names)
-            kept = 0  # slots that stay taken whatever is placed: held or pinned contents of other names
-            for cid in cache._slots.contents():
-                if cid is not EMPTY and cache._protected(cid):
-                    content = cache._live[cid]
-                    kept += not (content.name in needed and cache._is_current(content))
-            return kept + len(needed) <= cache._slots.num_slots

@@ -13,12 +13,12 @@ import math
 import os
 from typing import Deque, Optional, Sequence
 
+from ..adapters.checkpoint import CONFIG_NAME
 from ..errors import ConfigError, MultiLoRAError
 from .specs import hookimpl
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 
 
 class AdapterDirectory:

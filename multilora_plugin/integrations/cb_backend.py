@@ -3,7 +3,7 @@
     backend = TransformersBackend(wrap(hf_model, max_loras=4), tokenizer)
     app = create_app(backend)          # the same routes, bodies and errors as over this package's Engine
 
-Requests go to a `LoRABatchingManager` (`integrations.transformers_cb`) as streaming requests with
+Requests go to a `LoRABatchingManager` (`transformers_cb`) as streaming requests with
 their adapter; its outputs (cumulative token ids, one per step) arrive on the event loop through
 transformers' result handlers and become this package's `RequestOutput`s: incremental text, stop
 strings and stop tokens (cut here; the request is then cancelled in transformers), finish reasons,
@@ -31,9 +31,11 @@ from ..async_engine import RequestStream, open_stream
 from ..detokenize import OutputText
 from ..errors import ConfigError, InvalidRequestError, MultiLoRAError, OverloadedError
 from ..intake import eos_token_ids
+from ..model import MultiLoRAModel
 from ..outputs import CompletionOutput, EngineRequest, RequestMetrics, RequestOutput
 from ..sampling import SamplingParams
 from .metrics import MetricSpec, RequestSeries, Sample, SampleCollector, adapter_cache_samples
+from .protocol import describe_model, model_name
 
 
 class TransformersBackend:
@@ -45,8 +47,6 @@ class TransformersBackend:
     def __init__(self, model, tokenizer, *, continuous_batching_config: Optional[ContinuousBatchingConfig] = None,
                  max_concurrent_requests: int = 256, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 64, max_batch_tokens: int = 512) -> None:
-        from ..model import MultiLoRAModel
-
         if not isinstance(model, MultiLoRAModel):
             raise ConfigError(f"expected a model returned by multilora_plugin.wrap(...), but got {type(model).__name__}")
         self.model, self.tokenizer = model, tokenizer
@@ -54,8 +54,6 @@ class TransformersBackend:
         self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) \
             or getattr(config, "n_positions", None)
         self.max_concurrent_requests = max_concurrent_requests
-        from .server import describe_model, model_name  # the server's own words for the model
-
         self.default_model_name = model_name(model)
         self._description = describe_model(model)
         self._eos = sorted(eos_token_ids(model, tokenizer))
@@ -77,7 +75,9 @@ class TransformersBackend:
         self.requests = RequestSeries(self.registry)
         self.registry.register(SampleCollector(self._samples))
 
-    # the backend's interface -------------------------------------------------------------------------
+    # the backend's interface (integrations.backend) ------------------------------------------------
+    metrics_elsewhere = None
+
     async def start(self) -> None:
         self.manager.start()
 

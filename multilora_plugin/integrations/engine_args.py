@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from ..config import check_int
 from ..errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -44,8 +45,11 @@ class EngineArgs:
     cpu_threads: Optional[int] = None  # torch's threads for a model on CPU; None: as torch has it
 
     def __post_init__(self) -> None:
-        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
-            raise ConfigError(f"`cpu_threads` should be an int >= 1, but got {self.cpu_threads!r}")
+        for name, minimum in (("max_loras", 1), ("max_lora_rank", 1), ("max_num_seqs", 1), ("max_cpu_loras", 1),
+                              ("max_model_len", 2), ("cpu_threads", 1)):
+            value = getattr(self, name)
+            if value is not None or name in ("max_loras", "max_lora_rank", "max_num_seqs"):
+                check_int(name, value, minimum)
         if self.dtype not in DTYPES:
             raise ConfigError(f"`dtype` should be one of {DTYPES}, but got {self.dtype!r}")
         if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and k for k in self.adapters):
@@ -59,21 +63,21 @@ class EngineArgs:
 
     def build(self):
         """Load the model and tokenizer, wrap the model, register `adapters`; returns an `Engine`."""
-        import multilora_plugin
+        from ..engine import Engine
 
         model, tokenizer = self.build_model()
         engine_args = {"max_num_seqs": self.max_num_seqs}
         if self.max_model_len:
             engine_args["max_model_len"] = self.max_model_len
-        return multilora_plugin.Engine(model, tokenizer, adapter_dir=self.adapter_dir, **engine_args)
+        return Engine(model, tokenizer, adapter_dir=self.adapter_dir, **engine_args)
 
     def build_model(self) -> tuple:
         """(the wrapped model with `adapters` registered, the tokenizer), for a host with an engine
         of its own (transformers' continuous batching)."""
         import torch
 
-        import multilora_plugin
-        from multilora_plugin import toy
+        from .. import toy
+        from ..wrapping import wrap
 
         device = torch.device("cpu" if self.model is None else self.device or _default_device())
         if device.type == "cpu" and self.cpu_threads is not None:
@@ -87,7 +91,7 @@ class EngineArgs:
             hf_model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype)
             hf_model = hf_model.to(device).eval()
         tokenizer = self.load_tokenizer()
-        model = multilora_plugin.wrap(hf_model, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+        model = wrap(hf_model, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                                       max_cpu_loras=self.max_cpu_loras)
         for name, path in self.adapters.items():
             model.register_adapter(name, path)
@@ -95,7 +99,7 @@ class EngineArgs:
 
     def load_tokenizer(self):
         if self.model is None:
-            from multilora_plugin import toy
+            from .. import toy
 
             return toy.demo_tokenizer()
         from transformers import AutoTokenizer

@@ -40,6 +40,7 @@ from ..errors import InvalidRequestError, MultiLoRAError, OverloadedError, Unava
 from ..sampling import SamplingParams
 from .engine_args import EngineArgs
 from .metrics import EngineMetrics
+from .protocol import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class EngineProcess:
         self._catalog: Dict[str, str] = value.pop("adapters")
         self._description = value
 
-    # the backend's interface -------------------------------------------------------------------------
+    # the backend's interface (integrations.backend) ------------------------------------------------
+    metrics_elsewhere = None
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._read)
@@ -250,7 +253,7 @@ class _Core:
         self.catalog_changed = False
         engine.cache.listeners.append(self._on_adapter_event)
         conn.send(("ready", {"max_model_len": engine.max_model_len, "adapters": self._catalog(),
-                             **_describe(engine.model)}))
+                             **describe_model(engine.model)}))
 
     def run(self) -> None:
         engine, conn = self.engine, self.conn
@@ -321,12 +324,6 @@ class _Core:
     def _on_adapter_event(self, event) -> None:
         if event.old is None or event.new is None:  # registered or unloaded
             self.catalog_changed = True
-
-
-def _describe(model) -> dict:
-    from .server import describe_model
-
-    return describe_model(model)
 
 
 def _portable(exc: BaseException) -> BaseException:

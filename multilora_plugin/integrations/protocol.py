@@ -405,3 +405,19 @@ def chat_logprobs(completion: CompletionOutput, start: int, tokens: Tokens, k: i
 
 def now() -> int:
     return int(time.time())
+
+
+# the model, as /info and /v1/models describe it ------------------------------------------------------
+def describe_model(model) -> dict:
+    """A wrapped model's part of TGI's /info."""
+    first = next(model.parameters(), None)
+    return {"model_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
+            "model_device_type": first.device.type if first is not None else None,
+            "max_loras": model.multilora_config.max_loras, "max_lora_rank": model.multilora_config.max_lora_rank,
+            "model_type": getattr(model.config, "model_type", None)}
+
+
+def model_name(model) -> str:
+    """The base model's name in the OpenAI API, unless the operator gives one."""
+    name = getattr(model.config, "_name_or_path", "") or ""
+    return name or getattr(model.config, "model_type", None) or "base"

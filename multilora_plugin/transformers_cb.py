@@ -49,10 +49,10 @@ from transformers.generation.continuous_batching import scheduler as cb_schedule
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from ..adapters import BASE_MODEL
-from ..errors import AdapterNotFoundError, CapacityError, ConfigError, InvalidRequestError, MultiLoRAError
-from ..mapping import PackedMapping
-from ..scheduler import POLICIES, Request, Scheduler, SchedulerConfig
+from .adapters import BASE_MODEL
+from .errors import AdapterNotFoundError, CapacityError, ConfigError, InvalidRequestError, MultiLoRAError
+from .mapping import PackedMapping
+from .scheduler import POLICIES, Request, Scheduler, SchedulerConfig
 
 SUPPORTED = (Version("5.24"), Version("5.40"))  # transformers releases tested, the upper one excluded
 _UNBOUNDED = 1 << 40  # token budgets are transformers' to enforce; our scheduler only gates adapters

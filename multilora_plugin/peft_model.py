@@ -21,12 +21,12 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..adapters import ModelModules, read_adapter, read_source
-from ..adapters.checkpoint import CONFIG_NAME
-from ..config import MultiLoRAConfig
-from ..errors import IncompatibleAdapterError, MultiLoRAError, WrapError
-from ..layers import LINEAR_TYPES, linear_shape
-from ..model import MultiLoRAModel
+from .adapters import ModelModules, read_adapter, read_source
+from .adapters.checkpoint import CONFIG_NAME
+from .config import MultiLoRAConfig
+from .errors import IncompatibleAdapterError, MultiLoRAError, WrapError
+from .layers import LINEAR_TYPES, linear_shape
+from .model import MultiLoRAModel
 
 
 def wrap_peft_model(peft_model: PeftModel, config: MultiLoRAConfig) -> MultiLoRAModel:
