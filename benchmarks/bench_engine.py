@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", type=lambda v: v.split(","), default=["ours"], metavar="ours[,transformers]",
                    help="ours: this package's Engine with and without adapters (always); transformers: also "
                         "transformers' own continuous batching (its manager, paged KV cache) without adapters, and "
-                        "with the adapters through integrations.transformers_cb")
+                        "with the adapters through transformers_cb")
     p.add_argument("--cb-batch-tokens", type=int, default=512, help="transformers CB: tokens per forward")
     p.add_argument("--skip-peft", action="store_true", help="never run the PEFT baseline")
     p.add_argument("--peft-max-adapters", type=int, default=200,
@@ -295,7 +295,7 @@ def run_engine(model, workload: List[TraceRequest], args, desc: str) -> RunResul
 
 def run_transformers(model, workload: List[TraceRequest], args, desc: str, lora: bool) -> RunResult:
     """transformers' continuous batching (its manager and paged KV cache), every request added at
-    t = 0 with its own max_new_tokens; `lora`: the wrapped model through integrations.transformers_cb,
+    t = 0 with its own max_new_tokens; `lora`: the wrapped model through transformers_cb,
     each request with its adapter; else a plain copy of the base model and no adapters."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -562,7 +562,7 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
     if "cb" in points[0]["contestants"]:
         lines += ["", "transformers' continuous batching (its manager and paged KV cache; max_batch_tokens "
                       f"{args.cb_batch_tokens}, max_requests_per_batch {args.max_num_seqs}, 16-token pages) without "
-                      "adapters (cb), and with the adapters through integrations.transformers_cb (cb-lora):", "",
+                      "adapters (cb), and with the adapters through transformers_cb (cb-lora):", "",
                   "| n | cb-lora tok/s | cb tok/s | cb-lora / cb | engine tok/s | no-adapter tok/s | engine / cb-lora | "
                   "no-adapter / cb | tokens cb-lora ≠ engine | tokens cb ≠ no-adapter |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -75,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--affinity-adapters", type=int, default=24)
     p.add_argument("--cpu-loras", type=int, default=8, help="adapters each replica keeps in the affinity runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -296,6 +297,11 @@ def main(argv=None) -> int:
         finally:
             cluster.close()
     same = sum(a == b for a, b in zip(runs[0]["texts"], runs[1]["texts"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(command=command, tokens_equal=same, requests=len(workload),
+                           runs=[{k: v for k, v in run.items() if k != "texts"} for run in runs], skews=skews),
+                      f, indent=2, default=str)
     print(f"\n{command}\n")
     print(f"Throughput: {args.requests} requests over {args.adapters} adapters (power {args.alpha}), "
           f"{args.clients} {'streaming' if args.stream else 'plain'} clients, max_loras={args.max_loras}, "

@@ -23,7 +23,8 @@ TRITON_MISSING = importlib.util.find_spec("triton") is None
 
 def backend_names() -> list:
     """`wrap(backend=...)` values that can run here, as pytest params."""
-    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed"))]
+    return ["torch", pytest.param("triton", marks=[pytest.mark.slow,  # Triton's interpreter, on CPU
+                                                   pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed")])]
 
 
 def kernel_backends() -> list:
@@ -36,7 +37,7 @@ def kernel_backends() -> list:
     else:
         from multilora_plugin.kernels.triton_ops import TritonBackend
 
-        backends.append(pytest.param(TritonBackend(), id="triton"))
+        backends.append(pytest.param(TritonBackend(), id="triton", marks=pytest.mark.slow))  # the interpreter, on CPU
     return backends
 
 

@@ -90,6 +90,7 @@ def test_a_command_is_required():
         cli.main([])
 
 
+@pytest.mark.slow  # a server in a process of its own, stopped twice
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_serve_shuts_down_the_same_way_on_sigterm_and_ctrl_c(tmp_path, sig):
     """`kill PID` (how process managers stop a server) and Ctrl-C both close the engine and remove
@@ -151,6 +152,7 @@ def test_help_and_version_answer_at_once_without_torch():
     assert version.startswith("multilora_plugin 0.")
 
 
+@pytest.mark.slow  # two processes that import torch
 def test_a_bad_model_or_adapter_path_is_one_line(tmp_path):
     import subprocess
     import sys

@@ -24,6 +24,8 @@ from multilora_plugin.integrations.engine_process import EngineProcess
 from multilora_plugin.integrations.local import running_server
 from multilora_plugin.integrations.server import create_app
 
+pytestmark = pytest.mark.slow  # engine processes, each importing torch afresh
+
 PROMPTS = ["show me the number of students", "tell me a story about a little house", "the water at night"]
 ADAPTERS = [None, "sql", "chat", "poem"]
 

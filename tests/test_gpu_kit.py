@@ -15,6 +15,8 @@ from multilora_plugin.kernels import tuning
 
 from .conftest import TRITON_MISSING
 
+pytestmark = pytest.mark.slow  # every part of the GPU kit, on CPU
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

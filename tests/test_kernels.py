@@ -30,7 +30,7 @@ def popularity(pattern: str, rows: int, gen: torch.Generator) -> tuple:
         return tuple(0 if torch.rand((), generator=gen) < 0.8 else 1 + i % (NUM_SLOTS - 1) for i in range(rows))
     if pattern == "identical":
         return (2,) * rows
-    if pattern == "with_base":  # a third of the rows on the base model
+    if pattern == "with_base":  # a fifth of the rows on the base model (-1 among five slot values)
         return tuple(torch.randint(-1, NUM_SLOTS, (rows,), generator=gen).tolist())
     raise ValueError(pattern)
 

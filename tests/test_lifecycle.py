@@ -229,6 +229,7 @@ def thousand(llama_kit, tmp_path_factory):
                              target_modules=["q_proj", "v_proj", "down_proj"], seed=7)
 
 
+@pytest.mark.slow  # a thousand adapter directories
 def test_thousand_adapters_in_bounded_memory(llama_kit, thousand):
     model = multilora_plugin.wrap(llama_kit.fresh(), max_loras=4, max_cpu_loras=16)
     for name, path in thousand.items():

@@ -32,6 +32,8 @@ from multilora_plugin.integrations.engine_args import EngineArgs  # noqa: E402
 from multilora_plugin.integrations.ray_serve import RayServeArgs, build_app  # noqa: E402
 from multilora_plugin.integrations.server import create_app  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a local Ray cluster per module
+
 VOCAB = 128
 NAMES = [f"a{i:02d}" for i in range(12)]
 PROMPTS = ["show me the number of students", "tell me a story about a little house", "the water at night"]

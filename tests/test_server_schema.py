@@ -16,6 +16,8 @@ from multilora_plugin import toy
 from multilora_plugin.integrations.local import running_server
 from multilora_plugin.integrations.server import create_app
 
+pytestmark = pytest.mark.slow  # schemathesis generates and sends hundreds of bodies
+
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):

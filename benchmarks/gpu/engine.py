@@ -11,7 +11,12 @@ inside the timed run. Contestants, each on its own copy of the base model, run o
   no-adapter      the same engine, every request on the base model
   generate_batch  transformers' continuous batching (paged KV cache) over the base model, through
                   `continuous_batching_context_manager` and one `add_request` per request (its own
-                  max_new_tokens); it serves no adapters at all
+                  max_new_tokens), with transformers' own settings (flash attention and CUDA graphs
+                  where available); it serves no adapters at all
+  cb-lora         the adapters inside transformers' continuous batching (transformers_cb:
+                  CUDA graphs and async batching off, as that integration requires)
+  cb              transformers' continuous batching without adapters, with cb-lora's settings: the
+                  baseline of the integration's target (cb-lora >= 0.9x cb)
 
 Tokens/s = generated tokens / wall time. The no-adapter engine's tokens are compared with
 generate_batch's (the same base model, greedy): in bf16 the two attention paths may round apart, so
@@ -79,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.prompt_len, args.output_len, args.preset = [4, 8], [3, 6], "tiny (dry run)"
     # what bench_engine's helpers read
     args.max_cpu_loras, args.policy, args.progress, args.pattern = None, "adapter_affinity", False, "power"
+    args.cb_batch_tokens = 64 if args.dry_run else 2048
     args.prompt_len_max = args.prompt_len[1]
     return args
 
@@ -93,7 +99,13 @@ def run_generate_batch(base, workload, args) -> "bench_engine.RunResult":
     tokens, latency, errors = {}, [], []
     with torch.inference_mode():
         start = time.perf_counter()
-        with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
+        sizes = None  # transformers' own sizing on a GPU; on CPU (the dry run) it would take 60% of the memory
+        if args.dry_run:
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            sizes = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=64, page_size=16)
+        with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=30,
+                                                       continuous_batching_config=sizes) as manager:
             for r in workload:
                 manager.add_request(list(r.prompt_ids), request_id=r.request_id, max_new_tokens=r.max_new_tokens)
             while len(tokens) < len(workload):
@@ -136,6 +148,10 @@ def main(argv=None) -> int:
             "no-adapter": lambda w, a: bench_engine.run_engine(bench_engine.engine_model(base, {}, a),
                                                                bench_engine.without_adapters(w), a, "no-adapter"),
             "generate_batch": lambda w, a: run_generate_batch(base, bench_engine.without_adapters(w), a),
+            "cb-lora": lambda w, a: bench_engine.run_transformers(bench_engine.engine_model(base, paths, a), w, a,
+                                                                  "cb-lora", lora=True),
+            "cb": lambda w, a: bench_engine.run_transformers(copy.deepcopy(base), bench_engine.without_adapters(w),
+                                                             a, "cb", lora=False),
         }
         for name, run in contestants.items():
             try:
@@ -151,6 +167,11 @@ def main(argv=None) -> int:
     if "no-adapter" in runs and "generate_batch" in runs:
         same = sum(runs["no-adapter"].tokens.get(k) == v for k, v in runs["generate_batch"].tokens.items())
         results["generate_batch"]["tokens_equal_to_no_adapter"] = f"{same}/{len(workload)}"
+    if "cb-lora" in runs and "cb" in runs:
+        results["cb-lora"]["vs_cb"] = runs["cb"].seconds / runs["cb-lora"].seconds
+    if "cb-lora" in runs and "engine" in runs:
+        same = sum(runs["engine"].tokens.get(k) == v for k, v in runs["cb-lora"].tokens.items())
+        results["cb-lora"]["tokens_equal_to_engine"] = f"{same}/{len(workload)}"
     text = report(results, args, device_name, generated, setup_s)
     print(text)
     if args.json:
@@ -174,6 +195,9 @@ def report(results: Dict[str, dict], args, device_name: str, generated: int, set
             continue
         notes = "; ".join(filter(None, [r.get("tokens_equal_to_no_adapter") and
                                         f"tokens equal to no-adapter: {r['tokens_equal_to_no_adapter']}",
+                                        r.get("tokens_equal_to_engine") and
+                                        f"tokens equal to engine: {r['tokens_equal_to_engine']}",
+                                        r.get("vs_cb") and f"{r['vs_cb']:.2f}x cb",
                                         *r.get("errors", [])]))
         lines.append(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['tokens_per_s'] / ref:.2f}× | {notes} |" if ref else
