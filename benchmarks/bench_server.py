@@ -174,11 +174,17 @@ def _serve(args, base, tokenizer, paths: dict, jobs: list, server_threads: int, 
     return found
 
 
+def _stat_cpu(path: str) -> tuple:
+    """(task name, user + system CPU seconds) of a /proc/.../stat file (Linux)."""
+    with open(path) as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pid_cpu(pid: int) -> float:
-    """CPU seconds of process `pid` so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of process `pid` so far."""
+    return _stat_cpu(f"/proc/{pid}/stat")[1]
 
 
 NEAR_TIE = 1e-3  # log-probability margin under which fp32 rounding may pick either token
@@ -209,19 +215,16 @@ def _near_tie(llm, job: tuple, lora: dict, new_tokens: int, texts: set) -> bool:
 def _thread_cpu() -> dict:
     """CPU seconds of each thread of this process (Linux /proc), by name: Python threads by their
     name (asyncio's workers together), others (torch's OpenMP workers) by their task name."""
-    tick = os.sysconf("SC_CLK_TCK")
     names = {t.native_id: t.name for t in threading.enumerate()}
     seconds = {}
     for tid in os.listdir("/proc/self/task"):
         try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:
+            comm, cpu = _stat_cpu(f"/proc/self/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile
             continue
-        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
         name = names.get(int(tid), f"{comm} (not Python)")
         name = "asyncio workers" if name.startswith("asyncio") else name
-        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        seconds[name] = seconds.get(name, 0.0) + cpu
     return seconds
 
 

@@ -13,7 +13,6 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .adapters import (
-    BASE_MODEL,
     AdapterCache,
     AdapterSource,
     AdapterState,
@@ -22,6 +21,7 @@ from .adapters import (
     ModelModules,
     read_adapter,
     read_source,
+    requested_adapter,
 )
 from .config import MultiLoRAConfig
 from .errors import InvalidRequestError, WrapError
@@ -239,11 +239,7 @@ class MultiLoRAModel(nn.Module):
             raise InvalidRequestError(
                 f"`adapter_names` should have one entry per input row ({batch}), but has {len(adapter_names)}"
             )
-        rows = []
-        for name in adapter_names:
-            if name is not None and not isinstance(name, str):
-                raise InvalidRequestError(f"adapter names should be str or None, but got {name!r}")
-            rows.append(None if name in (None, BASE_MODEL) else name)
+        rows = [requested_adapter(name) for name in adapter_names]
         hold = self._cache.acquire(n for n in rows if n is not None)
         return tuple(-1 if n is None else hold.slots[n] for n in rows), hold
 

@@ -49,10 +49,10 @@ from transformers.generation.continuous_batching import scheduler as cb_schedule
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from .adapters import BASE_MODEL
+from .adapters import not_registered, requested_adapter
 from .errors import AdapterNotFoundError, CapacityError, ConfigError, InvalidRequestError, MultiLoRAError
 from .mapping import PackedMapping
-from .scheduler import POLICIES, Request, Scheduler, SchedulerConfig
+from .scheduler import Request, Scheduler, SchedulerConfig
 
 SUPPORTED = (Version("5.24"), Version("5.40"))  # transformers releases tested, the upper one excluded
 _UNBOUNDED = 1 << 40  # token budgets are transformers' to enforce; our scheduler only gates adapters
@@ -100,9 +100,12 @@ def generate_batch(model, inputs: Sequence[Sequence[int]], generation_config: Op
         return {}
     names = _adapter_names(adapter_names, len(inputs))
     max_new_tokens = kwargs.pop("max_new_tokens", None)
-    unknown = sorted(set(kwargs) - {"persistent_manager", "warmup"})
-    if unknown:
-        raise InvalidRequestError(f"generate_batch takes no keyword arguments {unknown}")
+    if kwargs.pop("persistent_manager", False):
+        raise ConfigError("generate_batch with adapters keeps no manager for later (`persistent_manager`); hold one "
+                          "with init_continuous_batching instead")
+    kwargs.pop("warmup", None)  # it captures CUDA graphs, which are off with adapters: nothing to warm up
+    if kwargs:
+        raise InvalidRequestError(f"generate_batch takes no keyword arguments {sorted(kwargs)}")
     manager = init_continuous_batching(model, generation_config, continuous_batching_config)
     for name in names:
         manager.session.check_adapter(name)
@@ -222,8 +225,6 @@ class _Session:
     _names = itertools.count()
 
     def __init__(self, model, gate_config: SchedulerConfig) -> None:
-        if gate_config.policy not in POLICIES:
-            raise ConfigError(f"`policy` should be one of {POLICIES}, but got {gate_config.policy!r}")
         self.model = model
         self.cache = model.adapter_cache
         self.num_slots = model.multilora_config.max_loras
@@ -237,13 +238,9 @@ class _Session:
             "LoRAScheduler", (LoRAScheduler,), {"session": self})
 
     def check_adapter(self, name: Optional[str]) -> Optional[str]:
-        if name is None or name == BASE_MODEL:
-            return None
-        if not isinstance(name, str):
-            raise InvalidRequestError(f"adapter names should be str or None, but got {name!r}")
-        if name not in self.cache:
-            raise AdapterNotFoundError(f"adapter {name!r} is not registered on this model; registered: "
-                                       f"{sorted(self.cache.names())}")
+        name = requested_adapter(name)
+        if name is not None and name not in self.cache:
+            raise AdapterNotFoundError(not_registered(name, self.cache.names()))
         return name
 
     def close(self) -> None:
@@ -387,11 +384,12 @@ class LoRAScheduler(cb_scheduler.FIFOScheduler):
 
     def _count_tokens(self) -> None:
         """Tokens generated since the last step, for the fair_share policy's service counters."""
+        running = {r.request_id for r in self.gate.running}
         for request_id, state in self.active_requests.items():
             done = len(state.generated_tokens)
             new = done - self.seen_tokens.get(request_id, 0)
             self.seen_tokens[request_id] = done
-            if new > 0 and request_id in {r.request_id for r in self.gate.running}:
+            if new > 0 and request_id in running:
                 self.gate.record_tokens(request_id, new)
 
     def _fail(self, state, error: Exception) -> None:

@@ -123,6 +123,8 @@ def test_refusals(llama_kit):
     with pytest.raises(ConfigError, match="CUDA graphs are not supported"):
         model.generate_batch(PROMPTS[:2], generation_config=greedy_config(),
                              continuous_batching_config=cb_config(use_cuda_graph=True))
+    with pytest.raises(ConfigError, match="persistent_manager"):  # accepted by transformers, not kept here
+        model.generate_batch(PROMPTS[:2], generation_config=greedy_config(), persistent_manager=True)
     with pytest.raises(ConfigError, match="scheduler_type"):
         model.generate_batch(PROMPTS[:2], generation_config=greedy_config(),
                              continuous_batching_config=cb_config(scheduler_type="prefill_first"))

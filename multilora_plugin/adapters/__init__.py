@@ -9,12 +9,13 @@ from .checkpoint import (
     read_adapter,
     read_config,
 )
-from .registry import BASE_MODEL, AdapterSource, check_name, read_source
+from .registry import BASE_MODEL, AdapterSource, check_name, read_source, requested_adapter
 from .slots import EMPTY, SlotTable
 from .state import AdapterEvent, AdapterState, CacheStats, Hold, not_registered
 
 __all__ = [
     "BASE_MODEL",
+    "requested_adapter",
     "EMPTY",
     "AdapterCache",
     "AdapterEvent",

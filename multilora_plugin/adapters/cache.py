@@ -135,6 +135,11 @@ class AdapterCache:
         with self._lock:
             return list(self._entries)
 
+    def paths(self) -> dict:
+        """{name: adapter directory} of every registered adapter, read at one moment."""
+        with self._lock:
+            return {name: entry.source.path for name, entry in self._entries.items()}
+
     def __contains__(self, name: object) -> bool:
         """Whether `name` is registered: one dict lookup, no copy."""
         return name in self._entries

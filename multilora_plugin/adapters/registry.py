@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Union
+from typing import Union, Optional
 
 from peft import LoraConfig
 
@@ -17,6 +17,13 @@ from ..errors import IncompatibleAdapterError, InvalidRequestError
 from .checkpoint import read_config
 
 BASE_MODEL = "__base__"  # PEFT's name for "no adapter"; None means the same
+
+
+def requested_adapter(name) -> Optional[str]:
+    """The adapter a request names: None (or BASE_MODEL) for the base model, else a str."""
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequestError(f"adapter names should be str or None, but got {name!r}")
+    return None if name in (None, BASE_MODEL) else name
 
 
 @dataclass(frozen=True)

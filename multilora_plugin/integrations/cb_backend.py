@@ -97,8 +97,7 @@ class TransformersBackend:
         return None if self.manager.is_running() else "transformers' continuous-batching thread is not running"
 
     def adapters(self) -> Dict[str, str]:
-        cache = self.model.adapter_cache
-        return {name: cache.source(name).path for name in cache.names()}
+        return self.model.adapter_cache.paths()
 
     def describe(self) -> dict:
         return dict(self._description)

@@ -52,8 +52,7 @@ class EngineBackend:
 
     def adapters(self) -> Dict[str, str]:
         """Adapter name → its directory, for every adapter that can be named."""
-        cache = self.model.adapter_cache
-        return {name: cache.source(name).path for name in cache.names()}
+        return self.model.adapter_cache.paths()
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> None:
         await self.async_engine.call(self.model.load_adapter, name, path, replace=replace)

@@ -318,8 +318,7 @@ class _Core:
             self.conn.send(("outputs", outputs))
 
     def _catalog(self) -> Dict[str, str]:
-        cache = self.engine.cache
-        return {name: cache.source(name).path for name in cache.names()}
+        return self.engine.cache.paths()
 
     def _on_adapter_event(self, event) -> None:
         if event.old is None or event.new is None:  # registered or unloaded

@@ -145,9 +145,7 @@ class EngineMetrics:
 
     def __init__(self, engine, *, registry: Optional[CollectorRegistry] = None,
                  in_flight: Optional[Callable[[], int]] = None) -> None:
-        self.engine = engine
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.in_flight = in_flight
         self.requests = RequestSeries(self.registry)
         self.registry.register(SampleCollector(lambda: engine_samples(engine, in_flight)))
         engine.plugins.register(self, name="prometheus")
