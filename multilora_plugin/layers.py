@@ -22,6 +22,33 @@ def linear_shape(layer: nn.Module) -> tuple:
     raise TypeError(f"expected nn.Linear or transformers Conv1D, but got {type(layer).__name__}")
 
 
+def add_slot_buffers(module: nn.Module, max_loras: int, max_lora_rank: int, in_features: int, out_features: int,
+                     device: torch.device, dtype: torch.dtype) -> None:
+    """Register a linear map's slot buffers on `module`: `lora_a` [S, R, in], `lora_b` [S, out, R],
+    `lora_ranks` [S], and `host_ranks` (the same ranks on the host, so no layer waits for the device)."""
+    module.register_buffer("lora_a", torch.zeros(max_loras, max_lora_rank, in_features, device=device, dtype=dtype),
+                           persistent=False)
+    module.register_buffer("lora_b", torch.zeros(max_loras, out_features, max_lora_rank, device=device, dtype=dtype),
+                           persistent=False)
+    module.register_buffer("lora_ranks", torch.zeros(max_loras, device=device, dtype=torch.int32), persistent=False)
+    module.host_ranks = [0] * max_loras
+
+
+@torch.no_grad()
+def write_slot(module: nn.Module, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+               non_blocking: bool = False) -> None:
+    """`a` [r, in] and scaled `b` [out, r] into slot `slot` of buffers made by `add_slot_buffers`
+    (None empties it)."""
+    module.lora_a[slot].zero_()
+    module.lora_b[slot].zero_()
+    rank = 0 if a is None else a.shape[0]
+    if rank:
+        module.lora_a[slot, :rank].copy_(a, non_blocking=non_blocking)
+        module.lora_b[slot, :, :rank].copy_(b, non_blocking=non_blocking)
+    module.lora_ranks[slot].fill_(rank)
+    module.host_ranks[slot] = rank
+
+
 class MultiLoRALinear(nn.Module):
     """y = base_layer(x) + the LoRA delta of each row's slot.
 
@@ -31,25 +58,16 @@ class MultiLoRALinear(nn.Module):
     `base_layer(x)`.
     """
 
-    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend):
+    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend,
+                 compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = linear_shape(base_layer)
         weight = base_layer.weight
-        self.register_buffer(
-            "lora_a",
-            torch.zeros(max_loras, max_lora_rank, self.in_features, device=weight.device, dtype=weight.dtype),
-            persistent=False,
-        )  # [S, R, in]
-        self.register_buffer(
-            "lora_b",
-            torch.zeros(max_loras, self.out_features, max_lora_rank, device=weight.device, dtype=weight.dtype),
-            persistent=False,
-        )  # [S, out, R]
-        self.register_buffer(
-            "lora_ranks", torch.zeros(max_loras, device=weight.device, dtype=torch.int32), persistent=False
-        )  # [S]
-        self.host_ranks = [0] * max_loras  # lora_ranks on the host, kept when a slot is written: no device sync
+        # a quantized base (bitsandbytes' uint8 / int8 weights) keeps its own forward; the LoRA delta
+        # runs in the model's compute dtype
+        dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
+        add_slot_buffers(self, max_loras, max_lora_rank, self.in_features, self.out_features, weight.device, dtype)
         self.context = context
         self.backend = backend
 
@@ -58,25 +76,21 @@ class MultiLoRALinear(nn.Module):
         mapping = self.context.mapping
         if mapping is None or not mapping.has_lora:
             return y
-        x2 = x.reshape(-1, self.in_features)  # [T, in]
-        y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
+        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [T, in]
         tokens = mapping.tokens(x2.shape[0], x.device)
-        self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
-        return y
+        if y.dtype == self.lora_a.dtype:
+            y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
+            self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
+            return y
+        delta = torch.zeros(x2.shape[0], self.out_features, device=y.device, dtype=self.lora_a.dtype)  # [T, out]
+        self.backend.add_lora(delta, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
+        return y + delta.view(y.shape).to(y.dtype)
 
-    @torch.no_grad()
     def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
                    non_blocking: bool = False) -> None:
         """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot.
         `non_blocking` copies from pinned CPU memory without waiting (CUDA)."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        rank = 0 if a is None else a.shape[0]
-        if rank:
-            self.lora_a[slot, :rank].copy_(a, non_blocking=non_blocking)
-            self.lora_b[slot, :, :rank].copy_(b, non_blocking=non_blocking)
-        self.lora_ranks[slot].fill_(rank)
-        self.host_ranks[slot] = rank
+        write_slot(self, slot, a, b, non_blocking)
 
     def slot_bytes(self) -> int:
         """Memory the slot buffers reserve."""
@@ -87,20 +101,21 @@ class MultiLoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={slots}, max_rank={rank}"
 
 
-def swap_linears(
+def swap_modules(
     module: nn.Module, make: Callable[[str, nn.Module], Optional[nn.Module]], prefix: str = ""
 ) -> dict:
-    """Replace, depth first, every linear child for which `make(name, child)` returns a module.
+    """Replace, depth first, every child for which `make(name, child)` returns a module; descend
+    into the others.
 
     Returns {qualified name: new module}. A patched layer is not descended into.
     """
     swapped = {}
     for child_name, child in module.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
-        replacement = make(name, child) if isinstance(child, LINEAR_TYPES) else None
+        replacement = make(name, child)
         if replacement is not None:
             setattr(module, child_name, replacement)
             swapped[name] = replacement
-        elif not isinstance(child, MultiLoRALinear):
-            swapped.update(swap_linears(child, make, name))
+        else:
+            swapped.update(swap_modules(child, make, name))
     return swapped

@@ -159,6 +159,33 @@ def token_mapping(runs: Sequence[tuple], kind: str, device: torch.device) -> Tok
     )
 
 
+def grouped_token_mapping(token_slots: torch.Tensor) -> TokenMapping:
+    """The `TokenMapping` of tokens whose slots are already on the device (`token_slots` [T], -1 =
+    none), as a MoE layer's routed (token, expert) pairs are: tokens grouped by slot, ascending,
+    keeping their order within a slot. One host sync (the segment table)."""
+    token_slots = token_slots.to(torch.int64)
+    active = torch.nonzero(token_slots >= 0).squeeze(1)  # [Ta]
+    index = active[torch.argsort(token_slots[active], stable=True)]  # [Ta], grouped by slot
+    active_slots = token_slots[index]
+    seg_slots, seg_lens = torch.unique_consecutive(active_slots, return_counts=True)  # [G], [G]
+    seg_starts = torch.cumsum(seg_lens, 0) - seg_lens
+    host = torch.stack([seg_slots, seg_starts, seg_lens]).tolist() if len(seg_slots) else [[], [], []]
+    segments = tuple((slot, start, start + n) for slot, start, n in zip(*host))
+    num_tokens = token_slots.shape[0]
+    return TokenMapping(
+        num_tokens=num_tokens,
+        kind="bgmv" if all(n == 1 for n in host[2]) else "sgmv",
+        segments=segments,
+        identity=len(index) == num_tokens and bool(torch.equal(index, torch.arange(num_tokens, device=index.device))),
+        index=index.to(torch.int32),
+        active_slots=active_slots.to(torch.int32),
+        token_slots=token_slots.to(torch.int32),
+        seg_slots=seg_slots.to(torch.int32),
+        seg_starts=seg_starts.to(torch.int32),
+        seg_lens=seg_lens.to(torch.int32),
+    )
+
+
 @dataclass(frozen=True)
 class PackedMapping:
     """Request → slot for one forward of transformers' continuous batching, which packs every

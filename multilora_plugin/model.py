@@ -26,7 +26,9 @@ from .adapters import (
 from .config import MultiLoRAConfig
 from .errors import InvalidRequestError, WrapError
 from .kernels import select_backend
-from .layers import MultiLoRALinear, linear_shape, swap_linears
+from .experts import MultiLoRAExperts, is_fused_experts, projection_names
+from .layers import LINEAR_TYPES, MultiLoRALinear, linear_shape, swap_modules
+from .router import MultiLoRARouter, find_routers
 from .mapping import BatchMapping, ForwardContext, PackedMapping, expand_rows
 
 
@@ -41,6 +43,21 @@ class AdapterInfo:
     alpha: float  # `lora_alpha` of the config (per-module patterns may differ)
     num_bytes: Optional[int]  # CPU memory held by its weights; None while not in memory
     target_modules: Optional[tuple]  # the wrapped modules it changes; None while not in memory
+
+
+def compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype activations run in: that of the first floating-point parameter (as transformers'
+    `model.dtype`), which a quantized base's norms and embeddings keep."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), None)
+
+
+def _target_shape(target: nn.Module) -> tuple:
+    """(in, out) of a linear layer or router; (num_experts, in, out) of one experts projection."""
+    if isinstance(target, MultiLoRALinear):
+        return linear_shape(target.base_layer)
+    if isinstance(target, MultiLoRARouter):
+        return target.in_features, target.out_features
+    return target.num_experts, target.in_features, target.out_features
 
 
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
@@ -68,7 +85,7 @@ class MultiLoRAModel(nn.Module):
                 f"expected a plain transformers model, but got a PEFT model ({type(model).__name__}); "
                 "pass the peft.PeftModel itself to `multilora_plugin.wrap()`, which serves its LoRA adapters"
             )
-        if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        if any(isinstance(m, (MultiLoRALinear, MultiLoRAExperts, MultiLoRARouter)) for m in model.modules()):
             raise WrapError("this model is already wrapped: call `unwrap()` on its MultiLoRAModel first")
         super().__init__()
         self.hf_model = model
@@ -76,23 +93,44 @@ class MultiLoRAModel(nn.Module):
         self._context = ForwardContext()
         first = next(model.parameters(), None)
         self._backend = select_backend(config.backend, first.device if first is not None else "cpu")
+        dtype = compute_dtype(model)
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self._output_embedding = next((n for n, m in model.named_modules() if out is not None and m is out), None)
 
-        def make(name: str, layer: nn.Module) -> Optional[MultiLoRALinear]:
+        routers = find_routers(model, is_fused_experts)
+        slots = (config.max_loras, config.max_lora_rank, self._context, self._backend)
+
+        def make(name: str, layer: nn.Module) -> Optional[nn.Module]:
+            """The one place where kinds of layer are chosen: linear layers, fused MoE experts, routers."""
             if not config.targets(name, name == self._output_embedding):
                 return None
-            return MultiLoRALinear(layer, config.max_loras, config.max_lora_rank, self._context, self._backend)
+            if isinstance(layer, LINEAR_TYPES):
+                return MultiLoRALinear(layer, *slots, compute_dtype=dtype)
+            if is_fused_experts(layer):
+                return MultiLoRAExperts(layer, *slots, compute_dtype=dtype)
+            if name in routers:
+                return MultiLoRARouter(layer, *slots, compute_dtype=dtype)
+            return None
 
-        self._layers = swap_linears(model, make)
+        self._layers = swap_modules(model, make)
         if not self._layers:
             raise WrapError(f"no nn.Linear or Conv1D module matched target_modules={config.target_modules!r}")
+        # what slots are written into: {target name: layer}, an experts module's projections by parameter name
+        self._targets = {}
+        for name, layer in self._layers.items():
+            if isinstance(layer, MultiLoRAExperts):
+                self._targets.update({f"{name}.{p}": lora for p, lora in layer.lora.items()})
+            else:
+                self._targets[name] = layer
         self._modules_info = ModelModules(
-            wrapped={n: linear_shape(m.base_layer) for n, m in self._layers.items()},
+            wrapped={n: _target_shape(t) for n, t in self._targets.items()},
             all_names=frozenset(n for n, _ in model.named_modules()),
             output_embedding=self._output_embedding,
             max_lora_rank=config.max_lora_rank,
-            dtype=first.dtype if first is not None and first.is_floating_point() else None,
+            dtype=dtype,
+            experts={n: projection_names(m.base_layer) for n, m in self._layers.items()
+                     if isinstance(m, MultiLoRAExperts)},
+            pattern_keys={n: f"{n}.weight" for n, m in self._layers.items() if isinstance(m, MultiLoRARouter)},
         )
         device = first.device if first is not None else torch.device("cpu")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -101,7 +139,7 @@ class MultiLoRAModel(nn.Module):
             max_cpu_loras=config.max_cpu_loras,
             read=self._read_weights,
             write=self._write_slots,
-            slot_buffer_bytes=sum(layer.slot_bytes() for layer in self._layers.values()),
+            slot_buffer_bytes=sum(target.slot_bytes() for target in self._targets.values()),
         )
         self._last_mapping: Optional[BatchMapping] = None
         # source → a PEFT state dict or None (read the adapter's directory); an engine sets it to its
@@ -126,7 +164,7 @@ class MultiLoRAModel(nn.Module):
 
     @property
     def patched_modules(self) -> tuple:
-        """Names of the modules that were swapped for `MultiLoRALinear`."""
+        """Names of the modules that were swapped for multi-LoRA layers (linear, experts, routers)."""
         return tuple(self._layers)
 
     # adapters ---------------------------------------------------------------------------------------
@@ -220,7 +258,7 @@ class MultiLoRAModel(nn.Module):
             stream.wait_stream(current)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for slot, weights in writes:
-                for name, layer in self._layers.items():
+                for name, layer in self._targets.items():
                     w = weights.modules.get(name) if weights is not None else None
                     layer.write_slot(slot, None if w is None else w.a, None if w is None else w.b,
                                      non_blocking=stream is not None)
@@ -330,7 +368,7 @@ class MultiLoRAModel(nn.Module):
         for name, layer in self._layers.items():
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
-        self._layers = {}
+        self._layers, self._targets = {}, {}
         self._cache.close()
         for name in self._cache.names():
             self._cache.unregister(name)

@@ -98,7 +98,7 @@ def _save_adapters(peft_model: PeftModel, names: list, root: str) -> dict:
 def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> ModelModules:
     """What `MultiLoRAModel(peft_model.unload(), config)` will check adapters against, found without
     changing the PeftModel: each PEFT layer stands for the base layer that `unload()` puts back, and
-    the linear modules that `config` targets are the ones `swap_linears` will patch."""
+    the linear modules that `config` targets are the ones `swap_modules` will patch."""
     base = peft_model.get_base_model()
     out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     output_embedding = next((n for n, m in base.named_modules() if out is not None and m is out), None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Mapping, Optional
 
@@ -28,12 +28,12 @@ _SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
 
 @dataclass(frozen=True)
 class ModuleWeights:
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r], scaling folded in
+    a: torch.Tensor  # [r, in]; for fused experts [E, r, in]
+    b: torch.Tensor  # [out, r], scaling folded in; for fused experts [E, out, r]
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.a.shape[-2])
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,23 @@ class AdapterWeights:
 
 @dataclass(frozen=True)
 class ModelModules:
-    """What a checkpoint is checked against: the model's modules and the wrapped ones' shapes."""
+    """What a checkpoint is checked against: the model's modules and the wrapped ones' shapes.
 
-    wrapped: Mapping[str, tuple]  # name → (in_features, out_features)
+    A target is a wrapped linear layer or router (named as its module), or one projection of fused
+    MoE experts (named as its parameter: "model.layers.0.mlp.experts.gate_up_proj").
+    """
+
+    wrapped: Mapping[str, tuple]  # target → (in_features, out_features), or (num_experts, in, out) for experts
     all_names: frozenset
     output_embedding: Optional[str]
     max_lora_rank: int
     dtype: Optional[torch.dtype] = None  # weights are stored in the model's dtype (None: as saved)
+    # fused-experts module → its projections that LoRA can target, in definition order (PEFT nests one
+    # wrapper per targeted parameter in that order, the first innermost)
+    experts: Mapping[str, tuple] = field(default_factory=dict)
+    # target → the name PEFT matches `rank_pattern` / `alpha_pattern` against, where it is not the
+    # target's own (a router's "mlp.gate.weight")
+    pattern_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 # (config attribute, its supported value, what to say). For None/False any falsy value is supported;
@@ -82,7 +92,6 @@ _UNSUPPORTED = (
     ("lora_bias", False, "LoRA biases (`lora_bias=True`)"),
     ("trainable_token_indices", None, "trainable token indices"),
     ("layer_replication", None, "layer replication"),
-    ("target_parameters", None, "`target_parameters` (LoRA on parameters)"),
     ("alora_invocation_tokens", None, "activated LoRA (`alora_invocation_tokens`)"),
     ("use_qalora", False, "QA-LoRA (`use_qalora=True`)"),
     ("use_bdlora", False, "BD-LoRA"),
@@ -137,6 +146,36 @@ def _read_tensors(path: str) -> dict:
         raise AdapterLoadError(f"could not read the adapter weights in {path!r}: {exc}") from exc
 
 
+def _targeted(key: str, target_parameters) -> bool:
+    """PEFT's rule for `target_parameters`: the full name, or a suffix of it after a dot."""
+    return key in target_parameters or any(key.endswith(f".{t}") for t in target_parameters)
+
+
+def _resolve_experts(path: str, pairs: dict, model: ModelModules, config: LoraConfig) -> dict:
+    """Rename the pairs PEFT saved for fused experts to the projections they belong to.
+
+    PEFT wraps each targeted parameter of an experts module in a `ParamWrapper` of its own, nested in
+    the parameters' definition order: with gate_up_proj and down_proj targeted, "mlp.experts.lora_A"
+    is down_proj's (the outermost) and "mlp.experts.base_layer.lora_A" gate_up_proj's.
+    """
+    resolved = {}
+    for name, pair in pairs.items():
+        module, depth = name, 0
+        while module.endswith(".base_layer"):
+            module, depth = module[: -len(".base_layer")], depth + 1
+        if module not in model.experts:
+            resolved[name] = pair
+            continue
+        targeted = [p for p in model.experts[module] if _targeted(f"{module}.{p}", config.target_parameters or ())]
+        if depth >= len(targeted):
+            raise IncompatibleAdapterError(
+                f"adapter at {path!r} holds LoRA weights for {name!r}, but its target_parameters "
+                f"{sorted(config.target_parameters or ())} name {len(targeted)} parameter(s) of {module!r}"
+            )
+        resolved[f"{module}.{targeted[len(targeted) - 1 - depth]}"] = pair
+    return resolved
+
+
 def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
     """Group checkpoint keys into {module name: {"a": tensor, "b": tensor}}.
 
@@ -180,17 +219,21 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules) -> No
         missing = "lora_A" if "a" not in pair else "lora_B"
         raise AdapterLoadError(f"adapter at {path!r} has no {missing} weight for {module!r}")
     a, b = pair["a"], pair["b"]
-    in_features, out_features = model.wrapped[module]
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+    *experts, in_features, out_features = model.wrapped[module]
+    num = experts[0] if experts else 1  # PEFT stacks the experts' A rows and B columns: [E * r, in], [out, E * r]
+    if (a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features
+            or a.shape[0] != b.shape[1] or a.shape[0] % num):
+        what = "E * r" if experts else "r"
         raise IncompatibleAdapterError(
-            f"adapter at {path!r}, module {module!r}: expected lora_A [r, {in_features}] and lora_B "
-            f"[{out_features}, r], but found {list(a.shape)} and {list(b.shape)} "
-            "(was the adapter trained on another base model?)"
+            f"adapter at {path!r}, module {module!r}: expected lora_A [{what}, {in_features}] and lora_B "
+            f"[{out_features}, {what}]{f' with E = {num} experts' if experts else ''}, but found {list(a.shape)} "
+            f"and {list(b.shape)} (was the adapter trained on another base model?)"
         )
-    if a.shape[0] > model.max_lora_rank:
+    rank = a.shape[0] // num
+    if rank > model.max_lora_rank:
         raise IncompatibleAdapterError(
-            f"adapter at {path!r}, module {module!r}: rank {a.shape[0]} is above max_lora_rank="
-            f"{model.max_lora_rank}; wrap with max_lora_rank >= {a.shape[0]}"
+            f"adapter at {path!r}, module {module!r}: rank {rank} is above max_lora_rank="
+            f"{model.max_lora_rank}; wrap with max_lora_rank >= {rank}"
         )
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: weights contain NaN or Inf")
@@ -229,11 +272,16 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
                                f"{{name: tensor}}, but got {type(tensors).__name__}")
     before = files_fingerprint(path) if tensors is None else None
     pairs = _module_pairs(path, _read_tensors(path) if tensors is None else dict(tensors))
+    pairs = _resolve_experts(path, pairs, model, config)
     modules = {}
     for module in sorted(pairs):
         _check_module(path, module, pairs[module], model)
         a, b = pairs[module]["a"], pairs[module]["b"]
-        scale = _scaling(config, module, a.shape[0], path)
+        num = model.wrapped[module][0] if len(model.wrapped[module]) == 3 else None
+        if num is not None:  # fused experts: per-expert A [E, r, in] and B [E, out, r]
+            a = a.reshape(num, -1, a.shape[-1])
+            b = b.reshape(b.shape[0], -1, num).permute(2, 0, 1)
+        scale = _scaling(config, model.pattern_keys.get(module, module), a.shape[-2], path)
         dtype = model.dtype or b.dtype
         modules[module] = ModuleWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
     fingerprint = before if before is not None and files_fingerprint(path) == before else None

@@ -1,0 +1,106 @@
+"""LoRA on a MoE router: PEFT's `target_parameters=["gate.weight"]` (what `"all-linear"` writes for MoE models).
+
+A router is no `nn.Linear`: its forward (Mixtral's, Qwen3-MoE's, OLMoE's, gpt-oss's `TopKRouter`)
+applies its 2-D `weight` [E, hidden] with `F.linear` and then softmax, top-k and renormalisation of
+its own. LoRA changes the weight, so the delta belongs to the logits, before the top-k:
+
+    router_logits = F.linear(x, W) + scale * x @ A.T @ B.T
+
+`MultiLoRARouter` keeps the router as `base_layer` and runs its own forward with a torch function
+mode that adds each token's delta to the one `F.linear` that reads this weight. Everything else the
+router does (the top-k, its dtype casts, a bias) stays the router's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import IncompatibleAdapterError
+from .layers import LINEAR_TYPES, add_slot_buffers, write_slot
+from .mapping import ForwardContext
+
+
+def find_routers(model: nn.Module, is_experts) -> set:
+    """Names of the routers of MoE blocks: a block's child that is not a linear layer, sits beside its
+    experts module (`is_experts(child)`) and holds a 2-D `weight` of [num_experts, hidden]."""
+    found = set()
+    for block_name, block in model.named_modules():
+        experts = [m for m in block.children() if is_experts(m)]
+        if len(experts) != 1:
+            continue
+        for child_name, child in block.named_children():
+            weight = getattr(child, "weight", None)
+            if (not isinstance(child, LINEAR_TYPES) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+                    and weight.shape[0] == experts[0].num_experts):
+                found.add(f"{block_name}.{child_name}" if block_name else child_name)
+    return found
+
+
+class _AddDelta(TorchFunctionMode):
+    """Adds `delta(x)` to the output of every `F.linear(x, weight, ...)` whose weight is `weight`."""
+
+    def __init__(self, weight: torch.Tensor, delta) -> None:
+        super().__init__()
+        self.weight, self.delta, self.applied = weight, delta, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear and len(args) > 1 and args[1] is self.weight:
+            self.applied += 1
+            out = out + self.delta(args[0]).to(out.dtype)
+        return out
+
+
+class MultiLoRARouter(nn.Module):
+    """A MoE router whose logits take each token's LoRA delta; slot buffers as in `MultiLoRALinear`."""
+
+    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend,
+                 compute_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        weight = base_layer.weight
+        self.out_features, self.in_features = weight.shape
+        add_slot_buffers(self, max_loras, max_lora_rank, self.in_features, self.out_features, weight.device,
+                         weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype)
+        self.context, self.backend = context, backend
+
+    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                   non_blocking: bool = False) -> None:
+        write_slot(self, slot, a, b, non_blocking)
+
+    def slot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.lora_ranks))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        mapping = self.context.mapping
+        if mapping is None:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        tokens = mapping.tokens(hidden_states.numel() // self.in_features, hidden_states.device)
+        if not any(self.host_ranks[s] for s, _, _ in tokens.segments):
+            return self.base_layer(hidden_states, *args, **kwargs)
+
+        def delta(x: torch.Tensor) -> torch.Tensor:  # [..., in] → [..., out]
+            x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [T, in]
+            out = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=self.lora_a.dtype)
+            self.backend.add_lora(out, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens,
+                                  host_ranks=self.host_ranks)
+            return out.view(*x.shape[:-1], self.out_features)
+
+        mode = _AddDelta(self.base_layer.weight, delta)
+        with mode:
+            out = self.base_layer(hidden_states, *args, **kwargs)
+        if not mode.applied:
+            raise IncompatibleAdapterError(
+                f"the router {type(self.base_layer).__name__} did not apply its weight through F.linear, so "
+                "LoRA on its `weight` cannot be served; leave the router out of the adapter's target_parameters"
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
