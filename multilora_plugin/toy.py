@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox")
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")  # fused 3-D experts and a router
 
 # (attention projections, MLP projections) per architecture, as PEFT would target them
 PROJECTIONS = {
@@ -53,6 +54,11 @@ def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_
     from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
                               Qwen2Config)
 
+    if arch in MOE_ARCHITECTURES:
+        return _moe_config(arch, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
+                           num_heads=num_heads, intermediate_size=intermediate_size,
+                           initializer_range=initializer_range, max_positions=max_positions)
+
     inter = intermediate_size or 2 * hidden_size
     common = dict(vocab_size=vocab_size, initializer_range=initializer_range, pad_token_id=0,
                   bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
@@ -75,15 +81,41 @@ def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_
     if arch == "gpt_neox":
         return GPTNeoXConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                              intermediate_size=inter, max_position_embeddings=max_positions, rotary_pct=0.5, **common)
-    raise ValueError(f"`arch` should be one of {ARCHITECTURES}, but got {arch!r}")
+    raise ValueError(f"`arch` should be one of {ARCHITECTURES + MOE_ARCHITECTURES}, but got {arch!r}")
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> nn.Module:
-    """A randomly initialised causal LM in eval mode, reproducible from `seed`."""
+def _moe_config(arch: str, *, hidden_size: int, num_layers: int, vocab_size: int, num_heads: int,
+                intermediate_size: Optional[int], initializer_range: float, max_positions: int,
+                num_experts: int = 4, top_k: int = 2):
+    """A tiny MoE config: `num_experts` experts of `intermediate_size`, `top_k` of them per token."""
+    from transformers import GptOssConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    inter = intermediate_size or hidden_size
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+                  max_position_embeddings=max_positions, initializer_range=initializer_range, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=3, tie_word_embeddings=False, num_experts_per_tok=top_k)
+    if arch == "mixtral":
+        return MixtralConfig(intermediate_size=inter, num_local_experts=num_experts, sliding_window=None, **common)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=2 * inter, moe_intermediate_size=inter, num_experts=num_experts,
+                              head_dim=hidden_size // num_heads, norm_topk_prob=True, **common)
+    if arch == "olmoe":
+        return OlmoeConfig(intermediate_size=inter, num_experts=num_experts, **common)
+    return GptOssConfig(intermediate_size=inter, num_local_experts=num_experts, head_dim=hidden_size // num_heads,
+                        layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
+                        sliding_window=8, **common)
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               experts_implementation: Optional[str] = None, **config_kwargs) -> nn.Module:
+    """A randomly initialised causal LM in eval mode, reproducible from `seed`. `experts_implementation`
+    (MoE models): transformers' "eager", "grouped_mm" or "batched_mm"; None: transformers' default."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs), dtype=dtype)
+    extra = {} if experts_implementation is None else {"experts_implementation": experts_implementation}
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs), dtype=dtype, **extra)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # random models: always generate max_new_tokens
     return model.eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multilora_plugin import BatchMapping, InvalidRequestError
-from multilora_plugin.mapping import PackedMapping, expand_rows
+from multilora_plugin.mapping import PackedMapping, expand_rows, grouped_token_mapping, token_mapping
 
 # row_slots, num_slots → order, segments
 TABLE = [
@@ -104,3 +104,29 @@ def test_packed_mapping_refuses_what_does_not_fit():
         PackedMapping((2,), (1,), 2)
     with pytest.raises(InvalidRequestError, match="cannot hold the 5 query tokens"):
         PackedMapping((0, 1), (3, 2), 2).tokens(4, torch.device("cpu"))
+
+
+# token slots on the device (a MoE layer's routed pairs) → index, segments, kind, identity
+GROUPED = [
+    ([], [], (), "bgmv", True),
+    ([-1, -1], [], (), "bgmv", False),
+    ([4, -1, 6, -1], [0, 2], ((4, 0, 1), (6, 1, 2)), "bgmv", False),  # the running example of experts.py
+    ([3, 1, 3, 1, -1, 0], [5, 1, 3, 0, 2], ((0, 0, 1), (1, 1, 3), (3, 3, 5)), "sgmv", False),
+    ([0, 0, 1], [0, 1, 2], ((0, 0, 2), (1, 2, 3)), "sgmv", True),
+]
+
+
+@pytest.mark.parametrize("token_slots,index,segments,kind,identity", GROUPED)
+def test_grouped_token_mapping(token_slots, index, segments, kind, identity):
+    tokens = grouped_token_mapping(torch.tensor(token_slots, dtype=torch.long))
+    assert tokens.index.tolist() == index
+    assert tokens.segments == segments
+    assert (tokens.kind, tokens.identity, tokens.num_tokens) == (kind, identity, len(token_slots))
+    assert tokens.token_slots.tolist() == token_slots
+    assert tokens.active_slots.tolist() == [token_slots[i] for i in index]
+    assert tokens.seg_lens.tolist() == [end - start for _, start, end in segments]
+    assert all(t.dtype == torch.int32 for t in (tokens.index, tokens.token_slots, tokens.seg_slots))
+    # the same table as the host-built mapping of the same runs
+    if token_slots:
+        host = token_mapping([(s, 1) for s in token_slots], tokens.kind, torch.device("cpu"))
+        assert (host.index.tolist(), host.segments, host.identity) == (index, segments, identity)

@@ -206,7 +206,7 @@ def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
     return pairs
 
 
-def _check_module(path: str, module: str, pair: dict, model: ModelModules) -> None:
+def _check_module(path: str, module: str, pair: dict, model: ModelModules, config: LoraConfig) -> None:
     if module not in model.wrapped:
         if module not in model.all_names:
             why = "the model has no module of that name (was the adapter trained on another base model?)"
@@ -229,6 +229,13 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules) -> No
             f"[{out_features}, {what}]{f' with E = {num} experts' if experts else ''}, but found {list(a.shape)} "
             f"and {list(b.shape)} (was the adapter trained on another base model?)"
         )
+    expected = _config_rank(config, model.pattern_keys.get(module, module))
+    if experts and a.shape[0] != num * expected:
+        raise IncompatibleAdapterError(
+            f"adapter at {path!r}, module {module!r}: expected lora_A [{num} experts x rank {expected}, "
+            f"{in_features}], but found {list(a.shape)} (was the adapter trained on a model with another "
+            "number of experts?)"
+        )
     rank = a.shape[0] // num
     if rank > model.max_lora_rank:
         raise IncompatibleAdapterError(
@@ -239,10 +246,14 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules) -> No
         raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: weights contain NaN or Inf")
 
 
+def _config_rank(config: LoraConfig, module: str) -> int:
+    """The rank the config gives `module` (PEFT's `rank_pattern` applied)."""
+    return (config.rank_pattern or {}).get(get_pattern_key(list(config.rank_pattern or {}), module), config.r)
+
+
 def _scaling(config: LoraConfig, module: str, rank: int, path: str) -> float:
     """PEFT's scaling for one module: alpha / r (or alpha / sqrt(r) with rsLoRA), patterns applied."""
-    rank_key = get_pattern_key(list(config.rank_pattern or {}), module)
-    expected_rank = (config.rank_pattern or {}).get(rank_key, config.r)
+    expected_rank = _config_rank(config, module)
     if expected_rank != rank:
         raise AdapterLoadError(
             f"adapter at {path!r}, module {module!r}: the config gives rank {expected_rank}, "
@@ -275,7 +286,7 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
     pairs = _resolve_experts(path, pairs, model, config)
     modules = {}
     for module in sorted(pairs):
-        _check_module(path, module, pairs[module], model)
+        _check_module(path, module, pairs[module], model, config)
         a, b = pairs[module]["a"], pairs[module]["b"]
         num = model.wrapped[module][0] if len(model.wrapped[module]) == 3 else None
         if num is not None:  # fused experts: per-expert A [E, r, in] and B [E, out, r]

@@ -1,0 +1,81 @@
+"""A base model, PEFT adapter directories for it, and PEFT alone as the oracle: shared by the tests of
+kinds of base (quantized) and kinds of adapter (MoE experts), whose base models are built differently."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import multilora_plugin
+from multilora_plugin import LLM, LoRARequest, SamplingParams
+
+
+class Case:
+    """`fresh()` builds the base model anew (a deep copy, or a quantized load); `paths`: {name: dir}."""
+
+    def __init__(self, fresh: Callable, paths: dict) -> None:
+        self.fresh, self.paths = fresh, paths
+        self._peft: dict = {}
+
+    def alone(self, name):
+        """PEFT with adapter `name` alone (None: the base model), built once."""
+        if name not in self._peft:
+            from peft import PeftModel
+
+            base = self.fresh().eval()
+            self._peft[name] = base if name is None else PeftModel.from_pretrained(base, self.paths[name]).eval()
+        return self._peft[name]
+
+    def wrapped(self, max_loras: int = 4, **kwargs):
+        model = multilora_plugin.wrap(self.fresh(), max_loras=max_loras, **kwargs)
+        for name, path in self.paths.items():
+            model.register_adapter(name, path)
+        return model
+
+    def logits(self, name, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.alone(name)(input_ids=ids).logits
+
+    def greedy(self, name, prompt, new_tokens: int) -> list:
+        ids = torch.tensor([list(prompt)])
+        with torch.no_grad():
+            out = self.alone(name).generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+        return out[0, len(prompt):].tolist()
+
+    # the checks every kind must pass ----------------------------------------------------------------
+    def check_mixed_forward(self, rows: list, atol: float = 1e-4, **wrap_kwargs) -> None:
+        """One forward, one adapter (or None) per row: each row equals PEFT alone on the same input."""
+        ids = torch.randint(4, 120, (len(rows), 7), generator=torch.Generator().manual_seed(len(rows)))
+        model = self.wrapped(max_loras=len({r for r in rows if r}), **wrap_kwargs)
+        with torch.no_grad():
+            got = model(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            want = self.logits(name, ids)[i]
+            base = self.logits(None, ids)[i]
+            assert (got[i] - want).abs().max().item() <= atol, (i, name)
+            if name is not None:
+                assert (want - base).abs().max().item() > 20 * atol, f"adapter {name} should change the output"
+
+    def check_generate(self, rows: list, prompts: list, new_tokens: int = 5) -> None:
+        """`generate` of a left-padded mixed batch gives each row PEFT's greedy tokens alone."""
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+        mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts]).unsqueeze(1)).long()
+        model = self.wrapped(max_loras=len({r for r in rows if r}))
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=rows, max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
+        for i, (name, prompt) in enumerate(zip(rows, prompts)):
+            assert out[i, width:].tolist() == self.greedy(name, prompt, new_tokens), (i, name)
+
+    def check_llm(self, requests: list, max_loras: int, new_tokens: int = 5) -> None:
+        """`LLM.generate` over more adapters than slots: every request equals PEFT alone."""
+        llm = LLM(multilora_plugin.wrap(self.fresh(), max_loras=max_loras), load_entrypoints=False, max_num_seqs=4)
+        lora = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(self.paths.items())}
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p, _ in requests],
+                            SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True),
+                            lora_request=[lora.get(name) for _, name in requests], use_tqdm=False)
+        for (prompt, name), out in zip(requests, outs):
+            assert out.outputs[0].token_ids == self.greedy(name, prompt, new_tokens), name

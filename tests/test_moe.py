@@ -1,0 +1,162 @@
+"""LoRA on fused MoE experts and routers (PEFT `target_parameters`), mixed per row with plain LoRA and
+base rows: every row equals PEFT alone with its adapter (PEFT itself cannot mix these), in forward,
+generate, the engine, transformers' continuous batching and over HTTP; on Mixtral, Qwen3-MoE, OLMoE
+and gpt-oss, with each of transformers' experts implementations."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from huggingface_hub import InferenceClient
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+import multilora_plugin
+from multilora_plugin import IncompatibleAdapterError, toy
+from multilora_plugin.experts import MultiLoRAExperts
+from multilora_plugin.integrations.local import running_server
+from multilora_plugin.integrations.server import create_app
+from multilora_plugin.router import MultiLoRARouter
+
+from .conftest import backend_names
+from .oracle import Case
+
+ROUTER = {"gpt_oss": "router.weight"}  # the router's parameter; "gate.weight" elsewhere
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+EOS = 3  # the tiny tokenizer's </s>
+
+
+def specs(arch: str) -> dict:
+    """An "all-linear" adapter (PEFT writes target_parameters for the experts and the router; for
+    gpt-oss, whose all-linear leaves them out, they are named), an experts-only adapter, one on
+    down_proj only with rsLoRA and a rank pattern, and a plain LoRA adapter."""
+    all_linear = dict(target_parameters=[*EXPERTS, ROUTER[arch]]) if arch in ROUTER else {}
+    return {
+        "all": dict(r=4, lora_alpha=8, target_modules="all-linear", seed=1, **all_linear),
+        "experts": dict(r=2, lora_alpha=8, target_modules=[], target_parameters=EXPERTS, seed=2),
+        "down_rs": dict(r=4, lora_alpha=16, target_modules=["q_proj"], target_parameters=["down_proj"],
+                        use_rslora=True, rank_pattern={"down_proj": 2}, seed=3),
+        "plain": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=4),
+    }
+
+
+_CASES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    def get(arch: str, experts_implementation=None) -> Case:
+        key = (arch, experts_implementation)
+        if key not in _CASES:
+            base = toy.tiny_model(arch, hidden_size=32, experts_implementation=experts_implementation)
+            root = tmp_path_factory.mktemp(f"moe_{arch}")
+            paths = {name: toy.make_adapter(base, root / name, **spec) for name, spec in specs(arch).items()}
+            _CASES[key] = Case(lambda: copy.deepcopy(base), paths)
+        return _CASES[key]
+
+    return get
+
+
+ROWS = ["all", "experts", None, "plain", "down_rs", "all"]
+
+
+@pytest.mark.parametrize("arch", toy.MOE_ARCHITECTURES)
+def test_mixed_forward_equals_peft_alone(case, arch):
+    case(arch).check_mixed_forward(ROWS)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_every_experts_implementation(case, implementation):
+    case("mixtral", implementation).check_mixed_forward(ROWS)
+    case("gpt_oss", implementation).check_mixed_forward(ROWS)  # transposed weights, biases, its own gate
+
+
+@pytest.mark.parametrize("backend", backend_names())
+def test_kernel_backends(case, backend):
+    case("qwen3_moe").check_mixed_forward(ROWS, backend=backend)
+
+
+def test_generate(case):
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44], [8, 9, 10], [70, 3, 19]]
+    case("mixtral").check_generate(["all", "experts", None, "plain", "down_rs"], prompts)
+
+
+def test_llm_generate_with_fewer_slots_than_adapters(case):
+    names = ["all", "experts", "down_rs", "plain", None]
+    requests = [([5 + i, 9, 22 + i, 7][: 2 + i % 3], names[i % len(names)]) for i in range(10)]
+    case("olmoe").check_llm(requests, max_loras=2)
+
+
+def test_transformers_continuous_batching(case):
+    moe = case("qwen3_moe")
+    model = moe.wrapped(max_loras=2)
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42], [8], [70, 3, 19, 4]]
+    names = ["all", None, "experts", "down_rs", "plain"]
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate_batch(prompts, generation_config=config, adapter_names=names, progress_bar=False,
+                               continuous_batching_config=ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=16,
+                                                                                  page_size=16))
+    got = [r.generated_tokens for r in sorted(out.values(), key=lambda r: int(r.request_id.split("_")[-1]))]
+    assert got == [moe.greedy(n, p, 5) for n, p in zip(names, prompts)]
+
+
+def test_over_http(case):
+    moe = case("mixtral")
+    tokenizer = toy.tiny_tokenizer(128)
+    engine = multilora_plugin.Engine(moe.wrapped(max_loras=2), tokenizer, load_entrypoints=False)
+    with running_server(create_app(engine, served_model_name="tiny-moe")) as url:
+        client = InferenceClient(base_url=url)
+        for name in ["all", None, "experts", "plain", "down_rs"]:
+            out = client.text_generation("the water at night", adapter_id=name, max_new_tokens=6, details=True)
+            prompt = tokenizer.encode("the water at night")
+            want = moe.greedy(name, prompt, 6)
+            want = want[: want.index(EOS) + 1] if EOS in want else want
+            assert [t.id for t in out.details.tokens] == want, name
+    engine.close()
+
+
+def test_what_is_wrapped_and_the_memory_counted(case):
+    moe = case("mixtral")
+    model = multilora_plugin.wrap(moe.fresh(), max_loras=2, max_lora_rank=8)
+    kinds = {type(m).__name__ for n, m in model.hf_model.named_modules() if n.endswith(("experts", "gate"))}
+    assert kinds == {MultiLoRAExperts.__name__, MultiLoRARouter.__name__}
+    info = model.load_adapter("all", moe.paths["all"])
+    config, layers, experts = model.config, model.config.num_hidden_layers, model.config.num_local_experts
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    r, r_gate_up = 4, 8  # PEFT's all-linear gives the fused gate_up_proj twice the rank
+    attention = r * (h + h) * 2 + r * (h + kv) * 2  # q, o: [r, h] + [h, r]; k, v: [r, h] + [kv, r]
+    per_layer = attention + experts * (r_gate_up * (h + 2 * i) + r * (i + h)) + r * (h + experts)
+    assert info.num_bytes == layers * per_layer * 4  # fp32: every expert's A and B are counted
+    assert set(info.target_modules) >= {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate"}
+    slots, rank = 2, 8  # every slot holds every expert's A and B at max_lora_rank, ranks as int32
+    linear = rank * (h + h) * 2 + rank * (h + kv) * 2 + rank * (h + experts)  # q, o, k, v, the router
+    fused = experts * rank * ((h + 2 * i) + (i + h))  # gate_up_proj, down_proj
+    ranks = 5 + 2 * experts  # one per slot for each linear layer and the router, one per expert and projection
+    assert model.memory_stats().slot_buffer_bytes == layers * slots * ((linear + fused) * 4 + ranks * 4)
+    base = moe.fresh()
+    assert type(model.unwrap().model.layers[0].mlp.experts) is type(base.model.layers[0].mlp.experts)
+
+
+def test_adapters_that_do_not_fit_are_refused(case, tmp_path):
+    moe = case("mixtral")
+    model = multilora_plugin.wrap(moe.fresh(), max_loras=2, max_lora_rank=4)
+    with pytest.raises(IncompatibleAdapterError, match="max_lora_rank"):
+        model.register_adapter("all", moe.paths["all"])  # gate_up_proj has rank 8
+    fewer = _with_experts(toy.tiny_model("mixtral", hidden_size=32, seed=1), 2)
+    path = toy.make_adapter(fewer, tmp_path / "two", r=2, target_modules=[], target_parameters=EXPERTS)
+    with pytest.raises(IncompatibleAdapterError, match="4 experts x rank 2"):
+        model.load_adapter("two", path)
+    assert "two" not in model.adapters
+
+
+def _with_experts(model, num: int):
+    """`model` with its experts cut to the first `num` (an adapter trained on it has num experts)."""
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.num_experts = num
+        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[:num].clone())
+        experts.down_proj = torch.nn.Parameter(experts.down_proj[:num].clone())
+    return model

@@ -1,0 +1,150 @@
+"""LoRA on quantized bases (QLoRA): the quantized layer's own forward computes the base output, the
+LoRA delta runs in the compute dtype, and every row of a mixed batch equals PEFT alone with its
+adapter on the same quantized base: bitsandbytes 4-bit (nf4, fp4) and 8-bit, torchao int8
+weight-only, optimum-quanto int8 and int4."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import multilora_plugin
+from multilora_plugin import toy
+from multilora_plugin.layers import MultiLoRALinear
+
+from .oracle import Case
+
+SPECS = {
+    "all4": dict(r=4, lora_alpha=8, target_modules="all-linear", seed=1),
+    "attn8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], seed=2),
+    "mlp16_rs": dict(r=16, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True,
+                     seed=3),
+}
+ROWS = ["all4", None, "attn8", "mlp16_rs", "all4", None]
+
+
+def _needs(module: str):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} is not installed")
+
+
+def quantization(name: str):
+    """transformers' quantization config of each case (built lazily: the libraries are optional)."""
+    from transformers import BitsAndBytesConfig, QuantoConfig, TorchAoConfig
+
+    if name.startswith("bnb-4bit"):
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name.split("-")[-1],
+                                  bnb_4bit_compute_dtype=torch.float32)
+    if name == "bnb-8bit":  # LLM.int8() without outlier columns: each row is quantized on its own
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    if name == "bnb-8bit-outliers":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if name == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    return QuantoConfig(weights=name.split("-")[-1])
+
+
+CASES = [pytest.param("bnb-4bit-nf4", marks=_needs("bitsandbytes")),
+         pytest.param("bnb-4bit-fp4", marks=_needs("bitsandbytes")),
+         pytest.param("bnb-8bit", marks=_needs("bitsandbytes")),
+         pytest.param("torchao-int8", marks=_needs("torchao")),
+         pytest.param("quanto-int8", marks=_needs("optimum.quanto")),
+         pytest.param("quanto-int4", marks=_needs("optimum.quanto"))]
+
+_CASES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The tiny Llama saved as a checkpoint (quantizers work at load time) and its adapters."""
+    root = tmp_path_factory.mktemp("quantized")
+    base = toy.tiny_model("llama")
+    base.save_pretrained(root / "base")
+    return root / "base", {name: toy.make_adapter(base, root / name, **spec) for name, spec in SPECS.items()}
+
+
+@pytest.fixture
+def case(saved):
+    def get(name: str) -> Case:
+        if name not in _CASES:
+            from transformers import AutoModelForCausalLM
+
+            base_dir, paths = saved
+            config = quantization(name)
+
+            def fresh():
+                return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, dtype=torch.float32,
+                                                            device_map="cpu").eval()
+
+            _CASES[name] = Case(fresh, paths)
+        return _CASES[name]
+
+    return get
+
+
+# bitsandbytes' CPU 4-bit kernel computes in bfloat16 whatever the compute dtype (it casts its input),
+# so an fp32 rounding difference of a LoRA delta (about 1e-7: a mixed batch runs other kernel shapes
+# than PEFT, and folds the scaling into B) can flip the bf16 rounding of one input of the next 4-bit
+# layer, one bf16 step (2**-8 relative). Every other case computes in fp32.
+TOLERANCE = {"bnb-4bit-nf4": 2e-2, "bnb-4bit-fp4": 2e-2}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_mixed_forward_equals_peft_on_the_same_quantized_base(case, name):
+    case(name).check_mixed_forward(ROWS, atol=TOLERANCE.get(name, 1e-4))
+
+
+@pytest.mark.parametrize("name", CASES[:3])
+def test_the_quantized_layer_keeps_its_forward_and_slots_take_the_compute_dtype(case, name):
+    model = case(name).wrapped()
+    layer = model.hf_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, MultiLoRALinear) and not layer.base_layer.weight.dtype.is_floating_point
+    assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32
+
+
+@_needs("bitsandbytes")
+def test_generate_on_a_4bit_base(case):
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44], [8, 9, 10]]
+    case("bnb-4bit-nf4").check_generate(["all4", None, "attn8", "mlp16_rs"], prompts)
+
+
+@_needs("bitsandbytes")
+def test_llm_generate_on_a_4bit_base_with_fewer_slots_than_adapters(case):
+    names = ["all4", "attn8", None, "mlp16_rs"]
+    case("bnb-4bit-nf4").check_llm([([5 + i, 9, 22 + i][: 1 + i % 3], names[i % 4]) for i in range(8)], max_loras=2)
+
+
+@_needs("bitsandbytes")
+def test_8bit_outlier_columns_depend_on_the_batch_as_in_peft(case):
+    """LLM.int8()'s outlier decomposition (threshold 6.0, the default) picks its fp16 columns from the
+    whole batch, so no row is independent of the others, with or without adapters. A batch of one
+    adapter still equals PEFT on the same batch."""
+    quantized = case("bnb-8bit-outliers")
+    ids = torch.randint(4, 120, (3, 7), generator=torch.Generator().manual_seed(0))
+    model = quantized.wrapped()
+    for name in ("all4", None):
+        with torch.no_grad():
+            got = model(input_ids=ids, adapter_names=[name] * 3).logits
+        assert (got - quantized.logits(name, ids)).abs().max().item() <= 1e-4, name
+
+
+@_needs("bitsandbytes")
+def test_over_http_on_a_4bit_base(case):
+    from huggingface_hub import InferenceClient
+
+    from multilora_plugin.integrations.local import running_server
+    from multilora_plugin.integrations.server import create_app
+
+    quantized, tokenizer = case("bnb-4bit-nf4"), toy.tiny_tokenizer(128)
+    engine = multilora_plugin.Engine(quantized.wrapped(max_loras=2), tokenizer, load_entrypoints=False)
+    with running_server(create_app(engine, served_model_name="tiny-nf4")) as url:
+        client = InferenceClient(base_url=url)
+        for name in ["all4", None, "attn8", "mlp16_rs"]:
+            out = client.text_generation("a story about the city", adapter_id=name, max_new_tokens=6, details=True)
+            want = quantized.greedy(name, tokenizer.encode("a story about the city"), 6)
+            want = want[: want.index(3) + 1] if 3 in want else want  # cut at </s>
+            assert [t.id for t in out.details.tokens] == want, name
+    engine.close()
