@@ -49,15 +49,17 @@ CHAT_TEMPLATE = (
 
 def tiny_config(arch: str, *, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 128,
                 num_heads: int = 4, intermediate_size: Optional[int] = None, initializer_range: float = 0.1,
-                max_positions: int = 512):
-    """A transformers config for a tiny decoder-only model of architecture `arch`."""
+                max_positions: int = 512, num_experts: int = 4):
+    """A transformers config for a tiny decoder-only model of architecture `arch` (`num_experts`: per
+    MoE layer, top-2 routed, for the MoE architectures)."""
     from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
                               Qwen2Config)
 
     if arch in MOE_ARCHITECTURES:
         return _moe_config(arch, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
                            num_heads=num_heads, intermediate_size=intermediate_size,
-                           initializer_range=initializer_range, max_positions=max_positions)
+                           initializer_range=initializer_range, max_positions=max_positions,
+                           num_experts=num_experts)
 
     inter = intermediate_size or 2 * hidden_size
     common = dict(vocab_size=vocab_size, initializer_range=initializer_range, pad_token_id=0,

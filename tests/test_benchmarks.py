@@ -62,3 +62,12 @@ def test_bench_ray_quick(tmp_path):
     assert [(run["replicas"], run["replicas_used"]) for run in results["runs"]] == [(1, 1), (2, 2)]
     assert [(s["alpha"], s["adapters_used"]) for s in results["skews"]] == [(1.0, 6)]
     assert all(s["repeated"] == 18 for s in results["skews"])
+
+
+@pytest.mark.parametrize("model", ["moe", "qlora"])
+def test_bench_moe_quick(tmp_path, model):
+    out = tmp_path / "moe.json"
+    assert load("bench_moe").main(["--quick", "--model", model, "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["tokens_match_peft"] and set(results["tokens_per_s"]) == {
+        "base", "ours", "peft-1" if model == "moe" else "peft"}

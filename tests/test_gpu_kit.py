@@ -60,7 +60,7 @@ def test_the_gpu_kit_dry_run_runs_every_part(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     status = {p["name"]: p["status"] for p in results["parts"]}
     assert done.returncode == 0, (status, done.stderr[-3000:], (tmp_path / "summary.md").read_text()[-6000:])
-    assert list(status) == ["correctness", "kernels", "tuning", "decode", "engine"]
+    assert list(status) == ["correctness", "kernels", "tuning", "decode", "moe", "qlora", "engine"]
     parts = {p["name"]: p for p in results["parts"]}
     assert parts["correctness"]["data"]["tests"] >= 90  # collected (skipped here: no GPU)
     kernels = parts["kernels"]["data"]
@@ -72,6 +72,9 @@ def test_the_gpu_kit_dry_run_runs_every_part(tmp_path):
     assert decode["base_rows_equal"] and set(decode["results"]) == {
         "base", "wrapped, 0 adapters", "wrapped, 1 adapter", "wrapped, 4 adapters"}
     assert all(r["eager"]["ms"] > 0 for r in decode["results"].values())
+    for name in ("moe", "qlora"):
+        data = parts[name]["data"]
+        assert data["tokens_match_peft"] and all(v > 0 for v in data["tokens_per_s"].values()), name
     engine = parts["engine"]["data"]["results"]
     assert all(engine[name]["requests_done"] == 8 for name in ("engine", "no-adapter", "generate_batch"))
     summary = (tmp_path / "summary.md").read_text()

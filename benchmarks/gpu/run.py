@@ -17,6 +17,10 @@ time is recorded with the end of its output, and the kit goes on:
                later parts already use them
   decode       `gpu/decode.py`: a Llama-2-7B-shaped decode step at batch 32, base vs 1, 8 and 32
                distinct rank-16 adapters, eager and under a CUDA graph
+  moe          `bench_moe.py`: 8 distinct LoRA adapters on experts, router and attention of a MoE model
+               in one batch, against the base and PEFT one adapter at a time (bf16)
+  qlora        `bench_moe.py --model qlora`: mixed adapters on a bitsandbytes nf4 base, against the base
+               alone and PEFT's mixed batch
   engine       `gpu/engine.py`: the bench_engine workload at 1B shapes, the engine with and without
                adapters against transformers' own continuous batching
 
@@ -99,11 +103,29 @@ def engine(ctx: Context) -> List[str]:
                       *(["--dry-run"] if ctx.dry_run else []))
 
 
+def moe(ctx: Context) -> List[str]:
+    """8 distinct all-linear adapters on a Mixtral-shaped MoE (experts and router included) in one batch."""
+    size = ["--quick"] if ctx.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--hidden", "1024",
+                                             "--layers", "8", "--experts", "8", "--intermediate", "1024",
+                                             "--batch", "32", "--new-tokens", "32", "--vocab", "32000"]
+    return ctx.python(BENCH / "bench_moe.py", *size, "--json", str(ctx.out / "moe.json"))
+
+
+def qlora(ctx: Context) -> List[str]:
+    """Mixed adapters on a bitsandbytes nf4 base against the base alone and PEFT's mixed batch."""
+    size = ["--quick"] if ctx.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--hidden", "2048",
+                                             "--layers", "8", "--intermediate", "5504", "--batch", "32",
+                                             "--new-tokens", "32", "--vocab", "32000"]
+    return ctx.python(BENCH / "bench_moe.py", "--model", "qlora", *size, "--json", str(ctx.out / "qlora.json"))
+
+
 PARTS = [
     Part("correctness", 150, correctness),
     Part("kernels", 110, kernels, "kernels.json"),
     Part("tuning", 150, tuning),
     Part("decode", 150, decode, "decode.json"),
+    Part("moe", 75, moe, "moe.json"),
+    Part("qlora", 60, qlora, "qlora.json"),
     Part("engine", 150, engine, "engine.json"),
 ]
 MIN_PART_S = 20  # a part is not started with less than this left
