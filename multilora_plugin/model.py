@@ -97,7 +97,7 @@ class MultiLoRAModel(nn.Module):
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self._output_embedding = next((n for n, m in model.named_modules() if out is not None and m is out), None)
 
-        routers = find_routers(model, is_fused_experts)
+        routers = find_routers(model)
         slots = (config.max_loras, config.max_lora_rank, self._context, self._backend)
 
         def make(name: str, layer: nn.Module) -> Optional[nn.Module]:

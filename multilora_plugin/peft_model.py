@@ -25,8 +25,10 @@ from .adapters import ModelModules, read_adapter, read_source
 from .adapters.checkpoint import CONFIG_NAME
 from .config import MultiLoRAConfig
 from .errors import IncompatibleAdapterError, MultiLoRAError, WrapError
+from .experts import is_fused_experts, projection_names, projection_shape
 from .layers import LINEAR_TYPES, linear_shape
 from .model import MultiLoRAModel
+from .router import routers_of
 
 
 def wrap_peft_model(peft_model: PeftModel, config: MultiLoRAConfig) -> MultiLoRAModel:
@@ -98,23 +100,31 @@ def _save_adapters(peft_model: PeftModel, names: list, root: str) -> dict:
 def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> ModelModules:
     """What `MultiLoRAModel(peft_model.unload(), config)` will check adapters against, found without
     changing the PeftModel: each PEFT layer stands for the base layer that `unload()` puts back, and
-    the linear modules that `config` targets are the ones `swap_modules` will patch."""
+    the modules that `config` targets (linear layers, fused MoE experts, routers) are the ones
+    `swap_modules` will patch."""
     base = peft_model.get_base_model()
     out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     output_embedding = next((n for n, m in base.named_modules() if out is not None and m is out), None)
-    names, wrapped = {""}, {}
+    names, wrapped, experts, pattern_keys = {""}, {}, {}, {}
 
     def visit(module: nn.Module, prefix: str) -> None:
-        for child_name, child in module.named_children():
+        children = [(n, c.get_base_layer() if isinstance(c, BaseTunerLayer) else c) for n, c in module.named_children()]
+        routers = routers_of(children)
+        for child_name, child in children:
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, BaseTunerLayer):
-                child = child.get_base_layer()
             names.add(name)
-            if isinstance(child, LINEAR_TYPES) and config.targets(name, name == output_embedding):
+            targeted = config.targets(name, name == output_embedding)
+            if targeted and isinstance(child, LINEAR_TYPES):
                 wrapped[name] = linear_shape(child)
+            elif targeted and is_fused_experts(child):
+                experts[name] = projection_names(child)
+                wrapped.update({f"{name}.{p}": projection_shape(child, p) for p in experts[name]})
+            elif targeted and child_name in routers:
+                wrapped[name] = tuple(reversed(child.weight.shape))  # [E, hidden] → (in, out)
+                pattern_keys[name] = f"{name}.weight"
             else:
                 visit(child, name)
 
     visit(base, "")
     return ModelModules(wrapped=wrapped, all_names=frozenset(names), output_embedding=output_embedding,
-                        max_lora_rank=config.max_lora_rank)
+                        max_lora_rank=config.max_lora_rank, experts=experts, pattern_keys=pattern_keys)

@@ -13,7 +13,7 @@ router does (the top-k, its dtype casts, a bias) stays the router's.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,24 +21,27 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import IncompatibleAdapterError
+from .experts import is_fused_experts
 from .layers import LINEAR_TYPES, add_slot_buffers, write_slot
 from .mapping import ForwardContext
 
 
-def find_routers(model: nn.Module, is_experts) -> set:
-    """Names of the routers of MoE blocks: a block's child that is not a linear layer, sits beside its
-    experts module (`is_experts(child)`) and holds a 2-D `weight` of [num_experts, hidden]."""
-    found = set()
-    for block_name, block in model.named_modules():
-        experts = [m for m in block.children() if is_experts(m)]
-        if len(experts) != 1:
-            continue
-        for child_name, child in block.named_children():
-            weight = getattr(child, "weight", None)
-            if (not isinstance(child, LINEAR_TYPES) and isinstance(weight, nn.Parameter) and weight.dim() == 2
-                    and weight.shape[0] == experts[0].num_experts):
-                found.add(f"{block_name}.{child_name}" if block_name else child_name)
-    return found
+def routers_of(children: Iterable[Tuple[str, nn.Module]]) -> list:
+    """The names of the routers among one MoE block's children: beside exactly one fused-experts
+    module, a child that is not a linear layer and holds a 2-D `weight` of [num_experts, hidden]."""
+    children = list(children)
+    experts = [m for _, m in children if is_fused_experts(m)]
+    if len(experts) != 1:
+        return []
+    return [name for name, child in children
+            if not isinstance(child, LINEAR_TYPES) and isinstance(getattr(child, "weight", None), nn.Parameter)
+            and child.weight.dim() == 2 and child.weight.shape[0] == experts[0].num_experts]
+
+
+def find_routers(model: nn.Module) -> set:
+    """Qualified names of every MoE router in `model` (see `routers_of`)."""
+    return {f"{block_name}.{name}" if block_name else name
+            for block_name, block in model.named_modules() for name in routers_of(block.named_children())}
 
 
 class _AddDelta(TorchFunctionMode):

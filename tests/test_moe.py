@@ -160,3 +160,20 @@ def _with_experts(model, num: int):
         experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj[:num].clone())
         experts.down_proj = torch.nn.Parameter(experts.down_proj[:num].clone())
     return model
+
+
+def test_a_peft_model_of_moe_adapters_is_served_mixed(case):
+    """`wrap(peft_model)`: PEFT's own model of an expert adapter (which it cannot mix with others)
+    serves it mixed. (PEFT holds several `target_parameters` adapters only if they target the same
+    parameters.)"""
+    from peft import PeftModel
+
+    moe = case("olmoe")
+    peft_model = PeftModel.from_pretrained(moe.fresh(), moe.paths["all"], adapter_name="all")
+    peft_model.load_adapter(moe.paths["plain"], adapter_name="plain")
+    model = multilora_plugin.wrap(peft_model, max_loras=2)
+    ids = torch.randint(4, 120, (3, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(input_ids=ids, adapter_names=["plain", None, "all"]).logits
+    for i, name in enumerate(["plain", None, "all"]):
+        assert (got[i] - moe.logits(name, ids)[i]).abs().max().item() <= 1e-4, name

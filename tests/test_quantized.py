@@ -148,3 +148,40 @@ def test_over_http_on_a_4bit_base(case):
             want = want[: want.index(3) + 1] if 3 in want else want  # cut at </s>
             assert [t.id for t in out.details.tokens] == want, name
     engine.close()
+
+
+@_needs("bitsandbytes")
+def test_engine_args_load_the_base_quantized(saved):
+    """`multilora serve --model DIR --quantization bitsandbytes-4bit`: the base loads in nf4 and
+    serves PEFT's tokens on the same 4-bit base."""
+    import argparse
+
+    from multilora_plugin import ConfigError, SamplingParams
+    from multilora_plugin.integrations.engine_args import EngineArgs
+
+    base_dir, paths = saved
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    args = EngineArgs.from_cli_args(parser.parse_args(["--model", str(base_dir), "--tokenizer", str(base_dir),
+                                                       "--device", "cpu", "--quantization", "bitsandbytes-4bit",
+                                                       "--adapter", f"attn8={paths['attn8']}"]))
+    tokenizer = toy.tiny_tokenizer(128)
+    tokenizer.save_pretrained(base_dir)
+    engine = args.build()
+    layer = engine.model.hf_model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == "Linear4bit" and layer.weight.quant_state.quant_type == "nf4"
+    engine.add_request("r", prompt_token_ids=[5, 9, 22], sampling_params=SamplingParams(
+        max_new_tokens=5, temperature=0, ignore_eos=True), lora_request="attn8")
+    done = [out for _ in range(10) for out in engine.step() if out.finished]
+    expected = _CASES.get("bnb-4bit-nf4") or Case(lambda: _nf4(base_dir), paths)
+    assert done[0].outputs[0].token_ids == expected.greedy("attn8", [5, 9, 22], 5)
+    engine.close()
+    with pytest.raises(ConfigError, match="quantization"):
+        EngineArgs(quantization="gptq")
+
+
+def _nf4(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization("bnb-4bit-nf4"),
+                                                dtype=torch.float32, device_map="cpu").eval()

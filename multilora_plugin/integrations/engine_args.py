@@ -19,6 +19,7 @@ from ..config import check_int
 from ..errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("bitsandbytes-4bit", "bitsandbytes-8bit")  # nf4 (QLoRA's) and LLM.int8(), loaded by transformers
 DEMO_MODEL_NAME = "tiny-llama"
 
 
@@ -43,6 +44,7 @@ class EngineArgs:
     device: Optional[str] = None  # default: cuda when available
     served_model_name: Optional[str] = None
     cpu_threads: Optional[int] = None  # torch's threads for a model on CPU; None: as torch has it
+    quantization: Optional[str] = None  # one of QUANTIZATIONS: the base is quantized as it loads
 
     def __post_init__(self) -> None:
         for name, minimum in (("max_loras", 1), ("max_lora_rank", 1), ("max_num_seqs", 1), ("max_cpu_loras", 1),
@@ -52,6 +54,10 @@ class EngineArgs:
                 check_int(name, value, minimum)
         if self.dtype not in DTYPES:
             raise ConfigError(f"`dtype` should be one of {DTYPES}, but got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"`quantization` should be one of {QUANTIZATIONS}, but got {self.quantization!r}")
+        if self.quantization is not None and self.model is None:
+            raise ConfigError("`quantization` needs a `model` to load; the demo's tiny model is not quantized")
         if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and k for k in self.adapters):
             raise ConfigError(f"`adapters` should map adapter names to directories, but got {self.adapters!r}")
         self.adapters = {name: os.fspath(path) for name, path in self.adapters.items()}
@@ -88,14 +94,28 @@ class EngineArgs:
             from transformers import AutoModelForCausalLM
 
             dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
-            hf_model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype)
-            hf_model = hf_model.to(device).eval()
+            if self.quantization is None:
+                hf_model = AutoModelForCausalLM.from_pretrained(self.model, dtype=dtype).to(device).eval()
+            else:  # quantized layers are placed as they load; they cannot be moved afterwards
+                hf_model = AutoModelForCausalLM.from_pretrained(
+                    self.model, dtype=dtype, quantization_config=self._quantization_config(dtype),
+                    device_map=str(device)).eval()
         tokenizer = self.load_tokenizer()
         model = wrap(hf_model, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                                       max_cpu_loras=self.max_cpu_loras)
         for name, path in self.adapters.items():
             model.register_adapter(name, path)
         return model, tokenizer
+
+    def _quantization_config(self, dtype):
+        from transformers import BitsAndBytesConfig
+
+        if self.quantization == "bitsandbytes-8bit":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        import torch
+
+        compute = torch.float32 if dtype == "auto" else dtype
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
 
     def load_tokenizer(self):
         if self.model is None:
@@ -122,6 +142,9 @@ class EngineArgs:
         parser.add_argument("--served-model-name", help="the base model's name in the OpenAI API")
         parser.add_argument("--dtype", default="auto", choices=DTYPES, help="the model's dtype (auto: as saved)")
         parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                            help="load the base quantized by bitsandbytes: 4-bit nf4 (QLoRA) or 8-bit "
+                                 "(default: as saved)")
         parser.add_argument("--cpu-threads", type=int, default=None,
                             help="torch threads for a model on CPU (default: torch's, every core; on Ray replicas, "
                                  "their CPUs)")
@@ -132,7 +155,8 @@ class EngineArgs:
                    adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                    max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                    max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
-                   served_model_name=args.served_model_name, cpu_threads=args.cpu_threads)
+                   served_model_name=args.served_model_name, cpu_threads=args.cpu_threads,
+                   quantization=args.quantization)
 
 
 
