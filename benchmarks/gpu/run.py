@@ -25,7 +25,8 @@ time is recorded with the end of its output, and the kit goes on:
                adapters against transformers' own continuous batching
 
 After every part, DIR/results.json (every part: status, seconds, command, its own JSON, the end of
-its output) and DIR/summary.md (each part's report) are written again, so a run cut short still
+its output) and DIR/summary.md (each part's report) are written again (the parts' own JSON files go to a
+temporary directory: DIR keeps four files, within what the device tool brings back), so a run cut short still
 leaves what it measured. `--dry-run` runs the same parts on CPU at tiny shapes (Triton under
 TRITON_INTERPRET=1); the test suite runs it so the kit cannot rot between GPU lends.
 """
@@ -39,6 +40,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -66,6 +68,7 @@ class Context:
     device_name: str
     hbm_gbs: float
     tuned: pathlib.Path  # where tuning writes its configs
+    parts: pathlib.Path  # where the parts write their JSON (results.json holds it: the device tool returns 8 files)
 
     def python(self, script: pathlib.Path, *args: str) -> List[str]:
         return [sys.executable, str(script), *args]
@@ -77,7 +80,7 @@ def correctness(ctx: Context) -> List[str]:
 
 
 def kernels(ctx: Context) -> List[str]:
-    json_out = ["--json", str(ctx.out / "kernels.json")]
+    json_out = ["--json", str(ctx.parts / "kernels.json")]
     if ctx.dry_run:
         return ctx.python(BENCH / "bench_kernels.py", "--devices", "cpu", "--contestants", "triton", "ours", "gather_bmm",
                           "--shapes", "64x128", "--ranks", "8", "--batches", "1", "4", "--patterns", "distinct",
@@ -94,12 +97,12 @@ def tuning(ctx: Context) -> List[str]:
 
 
 def decode(ctx: Context) -> List[str]:
-    return ctx.python(BENCH / "gpu" / "decode.py", "--json", str(ctx.out / "decode.json"),
+    return ctx.python(BENCH / "gpu" / "decode.py", "--json", str(ctx.parts / "decode.json"),
                       *(["--dry-run"] if ctx.dry_run else []))
 
 
 def engine(ctx: Context) -> List[str]:
-    return ctx.python(BENCH / "gpu" / "engine.py", "--preset", "1b", "--json", str(ctx.out / "engine.json"),
+    return ctx.python(BENCH / "gpu" / "engine.py", "--preset", "1b", "--json", str(ctx.parts / "engine.json"),
                       *(["--dry-run"] if ctx.dry_run else []))
 
 
@@ -108,7 +111,7 @@ def moe(ctx: Context) -> List[str]:
     size = ["--quick"] if ctx.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--hidden", "1024",
                                              "--layers", "8", "--experts", "8", "--intermediate", "1024",
                                              "--batch", "32", "--new-tokens", "32", "--vocab", "32000"]
-    return ctx.python(BENCH / "bench_moe.py", *size, "--json", str(ctx.out / "moe.json"))
+    return ctx.python(BENCH / "bench_moe.py", *size, "--json", str(ctx.parts / "moe.json"))
 
 
 def qlora(ctx: Context) -> List[str]:
@@ -116,7 +119,7 @@ def qlora(ctx: Context) -> List[str]:
     size = ["--quick"] if ctx.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--hidden", "2048",
                                              "--layers", "8", "--intermediate", "5504", "--batch", "32",
                                              "--new-tokens", "32", "--vocab", "32000"]
-    return ctx.python(BENCH / "bench_moe.py", "--model", "qlora", *size, "--json", str(ctx.out / "qlora.json"))
+    return ctx.python(BENCH / "bench_moe.py", "--model", "qlora", *size, "--json", str(ctx.parts / "qlora.json"))
 
 
 PARTS = [
@@ -180,9 +183,9 @@ def run_part(part: Part, ctx: Context, seconds: float, env: Dict[str, str]) -> d
         suite = ElementTree.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         record["data"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    if part.data and (ctx.out / part.data).is_file():
+    if part.data and (ctx.parts / part.data).is_file():
         try:
-            record["data"] = json.loads((ctx.out / part.data).read_text())
+            record["data"] = json.loads((ctx.parts / part.data).read_text())
         except ValueError as exc:
             record["data_error"] = str(exc)
     return record
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
     from multilora_plugin.kernels.tuning import device_slug
 
     tuned = out / "tuned" / f"{device_slug(device_name if not args.dry_run else 'dry-run')}.json"
-    ctx = Context(out, args.dry_run, device_name, hbm_gbs, tuned)
+    ctx = Context(out, args.dry_run, device_name, hbm_gbs, tuned, pathlib.Path(tempfile.mkdtemp(prefix="gpu_kit_")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.dry_run:
