@@ -25,12 +25,14 @@ token 1 of the base model routed to (0, 3):
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import IncompatibleAdapterError
 from .mapping import ForwardContext, grouped_token_mapping
 
 
@@ -102,6 +104,7 @@ class MultiLoRAExperts(nn.Module):
         self.base_layer = base_layer
         self.num_experts = base_layer.num_experts
         self.context, self.backend = context, backend
+        self._signature = inspect.signature(base_layer.forward)  # how the model passes the routing
         self.lora = nn.ModuleDict()
         for name in projection_names(base_layer):
             weight = getattr(base_layer, name)
@@ -110,15 +113,30 @@ class MultiLoRAExperts(nn.Module):
             self.lora[name] = ExpertsLoRA(max_loras, num, max_lora_rank, in_features, out_features,
                                           weight.device, dtype)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mapping = self.context.mapping
-        if mapping is None or args or kwargs:
-            return self.base_layer(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        tokens = mapping.tokens(hidden_states.shape[0], hidden_states.device)
-        if not any(lora.slot_ranks[s] for lora in self.lora.values() for s, _, _ in tokens.segments):
-            return self.base_layer(hidden_states, top_k_index, top_k_weights)  # the model's own implementation
-        return self._routed(hidden_states, top_k_index, top_k_weights, tokens.token_slots)
+        if mapping is not None:
+            tokens = mapping.tokens(hidden_states.shape[0], hidden_states.device)
+            if any(lora.slot_ranks[s] for lora in self.lora.values() for s, _, _ in tokens.segments):
+                top_k_index, top_k_weights = self._routing(hidden_states, args, kwargs)
+                return self._routed(hidden_states, top_k_index, top_k_weights, tokens.token_slots)
+        return self.base_layer(hidden_states, *args, **kwargs)  # the model's own experts implementation
+
+    def _routing(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+        """(top_k_index [T, K], top_k_weights [T, K]) from the call, by position or by the names the
+        experts class gives them."""
+        try:
+            bound = self._signature.bind(hidden_states, *args, **kwargs)
+        except TypeError:
+            bound = None
+        values = list(bound.arguments.values()) if bound is not None else []
+        if len(values) != 3 or not all(isinstance(v, torch.Tensor) for v in values):
+            raise IncompatibleAdapterError(
+                f"expected the experts {type(self.base_layer).__name__} to be called with (hidden_states, "
+                f"top_k_index, top_k_weights), but got {len(args)} more positional and {sorted(kwargs)} keyword "
+                "arguments; LoRA on these experts cannot be applied"
+            )
+        return values[1], values[2]
 
     def _routed(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 token_slots: torch.Tensor) -> torch.Tensor:

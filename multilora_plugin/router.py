@@ -44,19 +44,29 @@ def find_routers(model: nn.Module) -> set:
             for block_name, block in model.named_modules() for name in routers_of(block.named_children())}
 
 
+_CASTS = (torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+          torch.Tensor.bfloat16, torch.Tensor.contiguous)
+
+
 class _AddDelta(TorchFunctionMode):
-    """Adds `delta(x)` to the output of every `F.linear(x, weight, ...)` whose weight is `weight`."""
+    """Adds `delta(x)` to the output of every `F.linear(x, w, ...)` whose `w` is `weight`, or a cast or
+    copy of it (DeepSeek-V3's router applies `self.weight.type(torch.float32)`)."""
 
     def __init__(self, weight: torch.Tensor, delta) -> None:
         super().__init__()
-        self.weight, self.delta, self.applied = weight, delta, 0
+        self.weights, self.delta, self.applied = [weight], delta, 0
+
+    def _is_weight(self, t) -> bool:
+        return any(t is w for w in self.weights)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is F.linear and len(args) > 1 and args[1] is self.weight:
+        if func is F.linear and len(args) > 1 and self._is_weight(args[1]):
             self.applied += 1
             out = out + self.delta(args[0]).to(out.dtype)
+        elif func in _CASTS and args and self._is_weight(args[0]) and isinstance(out, torch.Tensor):
+            self.weights.append(out)
         return out
 
 

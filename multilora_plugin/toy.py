@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox")
-MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")  # fused 3-D experts and a router
+# fused 3-D experts and a router; Qwen2-MoE adds a shared expert, DeepSeek-V3 (MLA attention, a dense
+# first layer) a router that casts its weight to fp32
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "qwen2_moe", "deepseek_v3")
 
 # (attention projections, MLP projections) per architecture, as PEFT would target them
 PROJECTIONS = {
@@ -90,7 +92,8 @@ def _moe_config(arch: str, *, hidden_size: int, num_layers: int, vocab_size: int
                 intermediate_size: Optional[int], initializer_range: float, max_positions: int,
                 num_experts: int = 4, top_k: int = 2):
     """A tiny MoE config: `num_experts` experts of `intermediate_size`, `top_k` of them per token."""
-    from transformers import GptOssConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
 
     inter = intermediate_size or hidden_size
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -104,6 +107,15 @@ def _moe_config(arch: str, *, hidden_size: int, num_layers: int, vocab_size: int
                               head_dim=hidden_size // num_heads, norm_topk_prob=True, **common)
     if arch == "olmoe":
         return OlmoeConfig(intermediate_size=inter, num_experts=num_experts, **common)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(intermediate_size=2 * inter, moe_intermediate_size=inter, num_experts=num_experts,
+                              shared_expert_intermediate_size=inter, **common)
+    if arch == "deepseek_v3":
+        head = hidden_size // num_heads
+        return DeepseekV3Config(intermediate_size=2 * inter, moe_intermediate_size=inter, n_routed_experts=num_experts,
+                                n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+                                kv_lora_rank=hidden_size // 2, qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2,
+                                v_head_dim=head, **{**common, "num_key_value_heads": num_heads})
     return GptOssConfig(intermediate_size=inter, num_local_experts=num_experts, head_dim=hidden_size // num_heads,
                         layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
                         sliding_window=8, **common)

@@ -83,3 +83,19 @@ def test_a_mixed_batch_on_cuda_equals_peft_for_every_row(llama_kit):
                                           max_new_tokens=6, do_sample=False)
         torch.testing.assert_close(logits[row:row + 1], want, rtol=1e-4, atol=1e-4)
         assert out[row].tolist() == want_out[0].tolist(), (row, name)
+
+
+def test_moe_expert_adapters_on_cuda_equal_peft_for_every_row(tmp_path):
+    """LoRA on fused experts and the router (Triton kernels over the (adapter, expert) virtual slots)
+    mixed with a plain adapter and base rows: each row equals PEFT alone with its adapter. In fp32: in
+    bf16 a router's near-tie may pick another expert on either side, a discrete change of the output."""
+    import copy
+
+    from multilora_plugin import toy
+
+    from .oracle import Case
+    from .test_moe import ROWS, specs
+
+    base = toy.tiny_model("mixtral", hidden_size=64)
+    paths = {name: toy.make_adapter(base, tmp_path / name, **spec) for name, spec in specs("mixtral").items()}
+    Case(lambda: copy.deepcopy(base).cuda(), paths).check_mixed_forward(ROWS, backend="triton")

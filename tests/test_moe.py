@@ -10,8 +10,6 @@ import copy
 import pytest
 import torch
 from huggingface_hub import InferenceClient
-from transformers import GenerationConfig
-from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 import multilora_plugin
 from multilora_plugin import IncompatibleAdapterError, toy
@@ -90,16 +88,8 @@ def test_llm_generate_with_fewer_slots_than_adapters(case):
 
 
 def test_transformers_continuous_batching(case):
-    moe = case("qwen3_moe")
-    model = moe.wrapped(max_loras=2)
     prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42], [8], [70, 3, 19, 4]]
-    names = ["all", None, "experts", "down_rs", "plain"]
-    config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out = model.generate_batch(prompts, generation_config=config, adapter_names=names, progress_bar=False,
-                               continuous_batching_config=ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=16,
-                                                                                  page_size=16))
-    got = [r.generated_tokens for r in sorted(out.values(), key=lambda r: int(r.request_id.split("_")[-1]))]
-    assert got == [moe.greedy(n, p, 5) for n, p in zip(names, prompts)]
+    case("qwen3_moe").check_generate_batch(["all", None, "experts", "down_rs", "plain"], prompts, max_loras=2)
 
 
 def test_over_http(case):
@@ -177,3 +167,29 @@ def test_a_peft_model_of_moe_adapters_is_served_mixed(case):
         got = model(input_ids=ids, adapter_names=["plain", None, "all"]).logits
     for i, name in enumerate(["plain", None, "all"]):
         assert (got[i] - moe.logits(name, ids)[i]).abs().max().item() <= 1e-4, name
+
+
+def test_a_router_that_casts_its_weight_gets_its_delta(case):
+    """DeepSeek-V3-style routers apply `self.weight.type(torch.float32)`: the delta follows the cast."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    moe = case("mixtral")
+    model = moe.wrapped(max_loras=2)
+    ids = torch.randint(4, 120, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=["all", None]).logits
+        original = MixtralTopKRouter.forward
+
+        def casting(self, hidden_states):
+            hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+            logits = torch.nn.functional.linear(hidden_states.type(torch.float64), self.weight.type(torch.float64))
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, index = torch.topk(probs, self.top_k, dim=-1)
+            return logits.float(), top / top.sum(dim=-1, keepdim=True), index
+
+        MixtralTopKRouter.forward = casting
+        try:
+            got = model(input_ids=ids, adapter_names=["all", None]).logits
+        finally:
+            MixtralTopKRouter.forward = original
+    assert (got - want).abs().max().item() <= 1e-4

@@ -118,6 +118,12 @@ def test_llm_generate_on_a_4bit_base_with_fewer_slots_than_adapters(case):
 
 
 @_needs("bitsandbytes")
+def test_transformers_continuous_batching_on_a_4bit_base(case):
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42], [8], [70, 3, 19, 4]]
+    case("bnb-4bit-nf4").check_generate_batch(["all4", None, "attn8", "mlp16_rs", "all4"], prompts, max_loras=2)
+
+
+@_needs("bitsandbytes")
 def test_8bit_outlier_columns_depend_on_the_batch_as_in_peft(case):
     """LLM.int8()'s outlier decomposition (threshold 6.0, the default) picks its fp16 columns from the
     whole batch, so no row is independent of the others, with or without adapters. A batch of one
