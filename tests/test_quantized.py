@@ -14,6 +14,7 @@ import multilora_plugin
 from multilora_plugin import toy
 from multilora_plugin.layers import MultiLoRALinear
 
+from .conftest import TRITON_MISSING
 from .oracle import Case
 
 SPECS = {
@@ -95,6 +96,13 @@ TOLERANCE = {"bnb-4bit-nf4": 2e-2, "bnb-4bit-fp4": 2e-2}
 @pytest.mark.parametrize("name", CASES)
 def test_mixed_forward_equals_peft_on_the_same_quantized_base(case, name):
     case(name).check_mixed_forward(ROWS, atol=TOLERANCE.get(name, 1e-4))
+
+
+@pytest.mark.slow  # Triton's interpreter, on CPU
+@pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed")
+@_needs("bitsandbytes")
+def test_triton_kernels_on_a_4bit_base(case):
+    case("bnb-4bit-nf4").check_mixed_forward(ROWS, atol=TOLERANCE["bnb-4bit-nf4"], backend="triton")
 
 
 @pytest.mark.parametrize("name", CASES[:3])
