@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .dora import magnitude_gain
 from .mapping import ForwardContext
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -68,6 +69,13 @@ class MultiLoRALinear(nn.Module):
         # runs in the model's compute dtype
         dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
         add_slot_buffers(self, max_loras, max_lora_rank, self.in_features, self.out_features, weight.device, dtype)
+        # per-slot terms added to each row of that slot's tokens (row S stays zero: slot -1 reads it):
+        # DoRA's g - 1, which rescales the base output, and LoRA biases (`lora_bias=True`), scaled
+        self.register_buffer("row_gain", torch.zeros(max_loras + 1, self.out_features, device=weight.device,
+                                                     dtype=dtype), persistent=False)  # [S + 1, out]
+        self.register_buffer("row_bias", torch.zeros(max_loras + 1, self.out_features, device=weight.device,
+                                                     dtype=dtype), persistent=False)  # [S + 1, out]
+        self.host_terms = [(False, False)] * max_loras  # (has DoRA, has a bias) per slot, on the host
         self.context = context
         self.backend = backend
 
@@ -78,23 +86,62 @@ class MultiLoRALinear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [T, in]
         tokens = mapping.tokens(x2.shape[0], x.device)
+        rows = self._row_terms(y.view(-1, self.out_features), tokens)  # computed from the base output
         if y.dtype == self.lora_a.dtype:
             y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
             self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
+            if rows is not None:
+                y2.add_(rows)
             return y
         delta = torch.zeros(x2.shape[0], self.out_features, device=y.device, dtype=self.lora_a.dtype)  # [T, out]
         self.backend.add_lora(delta, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
+        if rows is not None:
+            delta.add_(rows)
         return y + delta.view(y.shape).to(y.dtype)
 
+    def _row_terms(self, y2: torch.Tensor, tokens) -> Optional[torch.Tensor]:
+        """[T, out]: DoRA's (g - 1) * (base output - bias) plus the LoRA bias of every token's slot; None
+        when no slot of the batch has either."""
+        terms = [self.host_terms[s] for s, _, _ in tokens.segments]
+        dora, bias = any(t[0] for t in terms), any(t[1] for t in terms)
+        if not (dora or bias):
+            return None
+        slots = tokens.token_slots.long()  # [T]; -1 reads row S, zero
+        out = None
+        if dora:
+            base = y2.to(self.row_gain.dtype)
+            base_bias = getattr(self.base_layer, "bias", None)
+            if base_bias is not None:
+                base = base - base_bias.to(base.dtype)
+            out = self.row_gain[slots] * base
+        if bias:
+            out = self.row_bias[slots] if out is None else out + self.row_bias[slots]
+        return out
+
+    @torch.no_grad()
     def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
-                   non_blocking: bool = False) -> None:
+                   non_blocking: bool = False, magnitude: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None) -> None:
         """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot.
+        `magnitude` [out]: DoRA's (its rescale is folded in here); `bias` [out]: a scaled LoRA bias.
         `non_blocking` copies from pinned CPU memory without waiting (CUDA)."""
         write_slot(self, slot, a, b, non_blocking)
+        self.row_gain[slot].zero_()
+        self.row_bias[slot].zero_()
+        if magnitude is not None and a is not None:
+            rank = a.shape[0]
+            gain = magnitude_gain(self.base_layer, self.lora_a[slot, :rank], self.lora_b[slot, :, :rank],
+                                  magnitude.to(self.lora_a.device, non_blocking=non_blocking))
+            self.lora_b[slot, :, :rank].mul_(gain.unsqueeze(1).to(self.lora_b.dtype))
+            self.row_gain[slot].copy_(gain - 1)
+        if bias is not None:
+            self.row_bias[slot].copy_(bias, non_blocking=non_blocking)
+        self.host_terms[slot] = (magnitude is not None and a is not None, bias is not None)
 
     def slot_bytes(self) -> int:
         """Memory the slot buffers reserve."""
-        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.lora_ranks))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.lora_a, self.lora_b, self.lora_ranks, self.row_gain, self.row_bias))
 
     def extra_repr(self) -> str:
         slots, rank, _ = self.lora_a.shape

@@ -260,8 +260,10 @@ class MultiLoRAModel(nn.Module):
             for slot, weights in writes:
                 for name, layer in self._targets.items():
                     w = weights.modules.get(name) if weights is not None else None
+                    extra = {} if w is None or (w.magnitude is None and w.bias is None) else \
+                        {"magnitude": w.magnitude, "bias": w.bias}  # DoRA, LoRA biases: linear layers only
                     layer.write_slot(slot, None if w is None else w.a, None if w is None else w.b,
-                                     non_blocking=stream is not None)
+                                     non_blocking=stream is not None, **extra)
         if stream is not None:
             current.wait_stream(stream)
 

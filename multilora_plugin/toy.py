@@ -167,7 +167,26 @@ def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8,
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(os.fspath(path))
+    if config.use_dora or config.lora_bias:
+        _as_trained(os.fspath(path), seed)
     return os.fspath(path)
+
+
+def _as_trained(path: str, seed: int) -> None:
+    """Give DoRA magnitudes and LoRA biases values that training would: PEFT initialises the magnitude
+    to the merged weight's row norms (a rescale of exactly 1) and the bias to zero, which would make
+    both indistinguishable from plain LoRA."""
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    for key, t in tensors.items():
+        if key.endswith(".lora_magnitude_vector"):
+            tensors[key] = t * (1 + 0.3 * torch.randn(t.shape, generator=generator))
+        elif key.endswith(".lora_B.bias"):
+            tensors[key] = 0.3 * torch.randn(t.shape, generator=generator)
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 # The demo's base model and adapters (`multilora demo`, `multilora serve` without --model): different

@@ -84,10 +84,6 @@ def ia3_adapter(kit, tmp_path):
     return tmp_path / "ia3"
 
 
-def dora(kit, tmp_path):
-    return toy.make_adapter(kit.base, tmp_path / "dora", r=4, target_modules=["q_proj"], use_dora=True)
-
-
 def modules_to_save(kit, tmp_path):
     return toy.make_adapter(kit.base, tmp_path / "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
 
@@ -165,7 +161,6 @@ BAD_ADAPTERS = [
     (no_weights, AdapterLoadError, "adapter_model.safetensors or adapter_model.bin"),
     (corrupt_weights, AdapterLoadError, "could not read the adapter weights"),
     (ia3_adapter, IncompatibleAdapterError, "expected a LoRA adapter (peft_type 'LORA')"),
-    (dora, IncompatibleAdapterError, "DoRA"),
     (modules_to_save, IncompatibleAdapterError, "modules_to_save"),
     (trained_bias, IncompatibleAdapterError, "trained biases"),
     (lora_on_embeddings, IncompatibleAdapterError, "LoRA on the embedding layer 'model.embed_tokens'"),

@@ -23,13 +23,20 @@ from ..errors import AdapterLoadError, IncompatibleAdapterError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
-_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
+# checkpoint key suffix → what it is: A, B, DoRA's magnitude [out], a LoRA bias [out] (`lora_bias=True`)
+_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m", ".lora_B.bias": "bias"}
 
 
 @dataclass(frozen=True)
 class ModuleWeights:
     a: torch.Tensor  # [r, in]; for fused experts [E, r, in]
     b: torch.Tensor  # [out, r], scaling folded in; for fused experts [E, out, r]
+    magnitude: Optional[torch.Tensor] = None  # [out]: DoRA's magnitude (linear layers)
+    bias: Optional[torch.Tensor] = None  # [out]: the LoRA bias (`lora_bias=True`), scaling folded in
+
+    @property
+    def tensors(self) -> tuple:
+        return tuple(t for t in (self.a, self.b, self.magnitude, self.bias) if t is not None)
 
     @property
     def rank(self) -> int:
@@ -50,7 +57,7 @@ class AdapterWeights:
 
     @cached_property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in (w.a, w.b))
+        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors)
 
     @property
     def rank(self) -> int:
@@ -58,7 +65,8 @@ class AdapterWeights:
 
     def pin_memory(self) -> "AdapterWeights":
         """A copy in page-locked memory, so copies into CUDA slots can be asynchronous."""
-        pinned = {n: ModuleWeights(w.a.pin_memory(), w.b.pin_memory()) for n, w in self.modules.items()}
+        pinned = {n: ModuleWeights(*(None if t is None else t.pin_memory() for t in (w.a, w.b, w.magnitude, w.bias)))
+                  for n, w in self.modules.items()}
         return replace(self, modules=pinned)
 
 
@@ -86,10 +94,8 @@ class ModelModules:
 # (config attribute, its supported value, what to say). For None/False any falsy value is supported;
 # attributes that an older peft does not have count as supported.
 _UNSUPPORTED = (
-    ("use_dora", False, "DoRA (`use_dora=True`)"),
     ("modules_to_save", None, "`modules_to_save` (fully trained extra modules)"),
     ("bias", "none", "trained biases (`bias` other than 'none')"),
-    ("lora_bias", False, "LoRA biases (`lora_bias=True`)"),
     ("trainable_token_indices", None, "trainable token indices"),
     ("layer_replication", None, "layer replication"),
     ("alora_invocation_tokens", None, "activated LoRA (`alora_invocation_tokens`)"),
@@ -215,9 +221,14 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
         else:
             why = "that module was not wrapped; include it in `wrap(..., target_modules=...)`"
         raise IncompatibleAdapterError(f"adapter at {path!r} targets {module!r}, but {why}")
-    if set(pair) != {"a", "b"}:
+    if not {"a", "b"} <= set(pair):
         missing = "lora_A" if "a" not in pair else "lora_B"
         raise AdapterLoadError(f"adapter at {path!r} has no {missing} weight for {module!r}")
+    extra = sorted(set(pair) - {"a", "b"})
+    if extra and (len(model.wrapped[module]) == 3 or module in model.pattern_keys):
+        what = {"m": "a DoRA magnitude", "bias": "a LoRA bias"}[extra[0]]
+        raise IncompatibleAdapterError(f"adapter at {path!r} holds {what} for {module!r}, which is not a linear "
+                                       "layer (PEFT serves neither on MoE experts or routers)")
     a, b = pair["a"], pair["b"]
     *experts, in_features, out_features = model.wrapped[module]
     num = experts[0] if experts else 1  # PEFT stacks the experts' A rows and B columns: [E * r, in], [out, E * r]
@@ -242,7 +253,13 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
             f"adapter at {path!r}, module {module!r}: rank {rank} is above max_lora_rank="
             f"{model.max_lora_rank}; wrap with max_lora_rank >= {rank}"
         )
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    for key in extra:
+        if pair[key].shape != (out_features,):
+            raise IncompatibleAdapterError(
+                f"adapter at {path!r}, module {module!r}: expected {'lora_magnitude_vector' if key == 'm' else 'lora_B.bias'}"
+                f" of shape [{out_features}], but found {list(pair[key].shape)}"
+            )
+    if not all(torch.isfinite(t).all() for t in pair.values()):
         raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: weights contain NaN or Inf")
 
 
@@ -294,6 +311,13 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
             b = b.reshape(b.shape[0], -1, num).permute(2, 0, 1)
         scale = _scaling(config, model.pattern_keys.get(module, module), a.shape[-2], path)
         dtype = model.dtype or b.dtype
-        modules[module] = ModuleWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        # as PEFT: a magnitude or bias the config does not ask for (use_dora, lora_bias) is not used
+        magnitude = pairs[module].get("m") if getattr(config, "use_dora", False) else None
+        bias = pairs[module].get("bias") if getattr(config, "lora_bias", False) else None
+        modules[module] = ModuleWeights(
+            a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous(),
+            magnitude=None if magnitude is None else magnitude.float().contiguous(),
+            bias=None if bias is None else (bias.float() * scale).to(dtype).contiguous(),
+        )
     fingerprint = before if before is not None and files_fingerprint(path) == before else None
     return AdapterWeights(name=name, path=path, config=config, modules=modules, fingerprint=fingerprint)

@@ -1,0 +1,128 @@
+"""DoRA and LoRA biases, mixed per row with plain LoRA, MoE expert adapters and base rows: every row
+equals PEFT alone with its adapter (PEFT itself refuses `adapter_names` with DoRA), in forward,
+generate, the engine with fewer slots than adapters, transformers' continuous batching and HTTP, on
+both kernel backends and on a 4-bit base."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+import multilora_plugin
+from multilora_plugin import toy
+
+from .conftest import backend_names
+from .oracle import Case
+from .test_moe import specs as moe_specs
+
+
+def specs(arch: str) -> dict:
+    """Two DoRA adapters (one with rsLoRA), one with LoRA biases, a plain one; `fan_in_fan_out` on
+    GPT-2. `toy.make_adapter` gives magnitudes and biases trained-like values."""
+    attn, mlp = toy.PROJECTIONS.get(arch, (("q_proj", "k_proj", "v_proj", "o_proj"), ()))
+    common = dict(fan_in_fan_out=arch == "gpt2")
+    return {
+        "dora": dict(r=4, lora_alpha=8, target_modules="all-linear" if mlp else list(attn), use_dora=True, seed=1,
+                     **common),
+        "dora_rs": dict(r=8, lora_alpha=8, target_modules=list(attn), use_dora=True, use_rslora=True, seed=2, **common),
+        "bias": dict(r=4, lora_alpha=16, target_modules=list(mlp or attn), lora_bias=True, seed=3, **common),
+        "plain": dict(r=4, lora_alpha=8, target_modules=list(attn[:1]), seed=4, **common),
+    }
+
+
+_CASES: dict = {}
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    def get(arch: str) -> Case:
+        if arch not in _CASES:
+            base = toy.tiny_model(arch, hidden_size=32 if arch in toy.MOE_ARCHITECTURES else 64)
+            root = tmp_path_factory.mktemp(f"variants_{arch}")
+            kinds = specs(arch)
+            if arch in toy.MOE_ARCHITECTURES:  # and an adapter on the experts and the router
+                kinds["moe"] = moe_specs(arch)["all"]
+            paths = {name: toy.make_adapter(base, root / name, **spec) for name, spec in kinds.items()}
+            _CASES[arch] = Case(lambda: copy.deepcopy(base), paths)
+        return _CASES[arch]
+
+    return get
+
+
+ROWS = ["dora", None, "bias", "dora_rs", "plain", "dora"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "opt"])
+def test_mixed_forward_equals_peft_alone(case, arch):
+    case(arch).check_mixed_forward(ROWS)  # GPT-2: Conv1D, [in, out] weights; Qwen2, OPT: base biases
+
+
+def test_with_moe_adapters(case):
+    case("mixtral").check_mixed_forward(["moe", "dora", None, "bias", "moe", "dora_rs"])
+
+
+@pytest.mark.parametrize("backend", backend_names())
+def test_kernel_backends(case, backend):
+    case("llama").check_mixed_forward(ROWS, backend=backend)
+
+
+def test_dora_is_not_plain_lora(case, tmp_path):
+    """The same weights read without DoRA give another output: the rescale is served, not dropped."""
+    llama = case("llama")
+    plain = shutil.copytree(llama.paths["dora"], tmp_path / "as_plain")
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    ids = torch.randint(4, 120, (1, 6), generator=torch.Generator().manual_seed(0))
+    model = multilora_plugin.wrap(llama.fresh(), max_loras=2)
+    model.load_adapter("dora", llama.paths["dora"])
+    model.load_adapter("as_plain", plain)
+    with torch.no_grad():
+        dora, as_plain = (model(input_ids=ids, adapter_names=[n]).logits for n in ("dora", "as_plain"))
+    assert (dora - as_plain).abs().max().item() > 0.1
+
+
+def test_generate(case):
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44], [8, 9, 10], [70, 3, 19]]
+    case("gpt2").check_generate(["dora", None, "bias", "dora_rs", "plain"], prompts)
+
+
+def test_llm_generate_with_fewer_slots_than_adapters_dora_and_moe_among_them(case):
+    names = ["dora", "moe", "bias", None, "dora_rs", "plain"]
+    requests = [([5 + i, 9, 22 + i, 7][: 2 + i % 3], names[i % len(names)]) for i in range(12)]
+    case("mixtral").check_llm(requests, max_loras=2)
+
+
+def test_transformers_continuous_batching(case):
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42], [8], [70, 3, 19, 4]]
+    case("llama").check_generate_batch(["dora", None, "bias", "dora_rs", "plain"], prompts, max_loras=2)
+
+
+def test_over_http(case):
+    from huggingface_hub import InferenceClient
+
+    from multilora_plugin.integrations.local import running_server
+    from multilora_plugin.integrations.server import create_app
+
+    llama, tokenizer = case("llama"), toy.tiny_tokenizer(128)
+    engine = multilora_plugin.Engine(llama.wrapped(max_loras=2), tokenizer, load_entrypoints=False)
+    with running_server(create_app(engine, served_model_name="tiny")) as url:
+        client = InferenceClient(base_url=url)
+        for name in ["dora", None, "bias", "dora_rs"]:
+            out = client.text_generation("a story about the city", adapter_id=name, max_new_tokens=6, details=True)
+            want = llama.greedy(name, tokenizer.encode("a story about the city"), 6)
+            want = want[: want.index(3) + 1] if 3 in want else want  # cut at </s>
+            assert [t.id for t in out.details.tokens] == want, name
+    engine.close()
+
+
+def test_the_magnitude_and_bias_are_counted(case):
+    llama = case("llama")
+    model = multilora_plugin.wrap(llama.fresh(), max_loras=2)
+    plain_like = sum(4 * (i + o) for i, o in (model._modules_info.wrapped[n] for n in model._modules_info.wrapped))
+    info = model.load_adapter("dora", llama.paths["dora"])  # rank 4 on every linear layer, plus its magnitude
+    outs = sum(o for _, o in model._modules_info.wrapped.values())
+    assert info.num_bytes == (plain_like + outs) * 4
