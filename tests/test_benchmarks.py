@@ -64,10 +64,10 @@ def test_bench_ray_quick(tmp_path):
     assert all(s["repeated"] == 18 for s in results["skews"])
 
 
-@pytest.mark.parametrize("model", ["moe", "qlora"])
-def test_bench_moe_quick(tmp_path, model):
-    out = tmp_path / "moe.json"
-    assert load("bench_moe").main(["--quick", "--model", model, "--json", str(out)]) == 0
+@pytest.mark.parametrize("kind,contestants", [("moe", {"peft-1"}), ("qlora", {"peft"}),
+                                              ("dora", {"peft-1", "ours-lora"})])
+def test_bench_kinds_quick(tmp_path, kind, contestants):
+    out = tmp_path / "kind.json"
+    assert load("bench_kinds").main(["--quick", "--kind", kind, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results["tokens_match_peft"] and set(results["tokens_per_s"]) == {
-        "base", "ours", "peft-1" if model == "moe" else "peft"}
+    assert results["tokens_match_peft"] and set(results["tokens_per_s"]) == {"base", "ours", *contestants}

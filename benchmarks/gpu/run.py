@@ -17,9 +17,9 @@ time is recorded with the end of its output, and the kit goes on:
                later parts already use them
   decode       `gpu/decode.py`: a Llama-2-7B-shaped decode step at batch 32, base vs 1, 8 and 32
                distinct rank-16 adapters, eager and under a CUDA graph
-  moe          `bench_moe.py`: 8 distinct LoRA adapters on experts, router and attention of a MoE model
+  moe          `bench_kinds.py`: 8 distinct LoRA adapters on experts, router and attention of a MoE model
                in one batch, against the base and PEFT one adapter at a time (bf16)
-  qlora        `bench_moe.py --model qlora`: mixed adapters on a bitsandbytes nf4 base, against the base
+  qlora        `bench_kinds.py --kind qlora`: mixed adapters on a bitsandbytes nf4 base, against the base
                alone and PEFT's mixed batch
   engine       `gpu/engine.py`: the bench_engine workload at 1B shapes, the engine with and without
                adapters against transformers' own continuous batching
@@ -111,7 +111,7 @@ def moe(ctx: Context) -> List[str]:
     size = ["--quick"] if ctx.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--hidden", "1024",
                                              "--layers", "8", "--experts", "8", "--intermediate", "1024",
                                              "--batch", "32", "--new-tokens", "32", "--vocab", "32000"]
-    return ctx.python(BENCH / "bench_moe.py", *size, "--json", str(ctx.parts / "moe.json"))
+    return ctx.python(BENCH / "bench_kinds.py", "--kind", "moe", *size, "--json", str(ctx.parts / "moe.json"))
 
 
 def qlora(ctx: Context) -> List[str]:
@@ -119,7 +119,7 @@ def qlora(ctx: Context) -> List[str]:
     size = ["--quick"] if ctx.dry_run else ["--device", "cuda", "--dtype", "bfloat16", "--hidden", "2048",
                                              "--layers", "8", "--intermediate", "5504", "--batch", "32",
                                              "--new-tokens", "32", "--vocab", "32000"]
-    return ctx.python(BENCH / "bench_moe.py", "--model", "qlora", *size, "--json", str(ctx.parts / "qlora.json"))
+    return ctx.python(BENCH / "bench_kinds.py", "--kind", "qlora", *size, "--json", str(ctx.parts / "qlora.json"))
 
 
 PARTS = [
