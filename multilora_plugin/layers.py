@@ -70,11 +70,11 @@ class MultiLoRALinear(nn.Module):
         dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
         add_slot_buffers(self, max_loras, max_lora_rank, self.in_features, self.out_features, weight.device, dtype)
         # per-slot terms added to each row of that slot's tokens (row S stays zero: slot -1 reads it):
-        # DoRA's g - 1, which rescales the base output, and LoRA biases (`lora_bias=True`), scaled
-        self.register_buffer("row_gain", torch.zeros(max_loras + 1, self.out_features, device=weight.device,
-                                                     dtype=dtype), persistent=False)  # [S + 1, out]
-        self.register_buffer("row_bias", torch.zeros(max_loras + 1, self.out_features, device=weight.device,
-                                                     dtype=dtype), persistent=False)  # [S + 1, out]
+        # DoRA's g - 1, which rescales the base output, and LoRA biases (`lora_bias=True`), scaled;
+        # [S + 1, out] each, allocated when the first adapter that has one is written
+        for name in ("row_gain", "row_bias"):
+            self.register_buffer(name, torch.zeros(max_loras + 1, 0, device=weight.device, dtype=dtype),
+                                 persistent=False)
         self.host_terms = [(False, False)] * max_loras  # (has DoRA, has a bias) per slot, on the host
         self.context = context
         self.backend = backend
@@ -126,6 +126,9 @@ class MultiLoRALinear(nn.Module):
         `magnitude` [out]: DoRA's (its rescale is folded in here); `bias` [out]: a scaled LoRA bias.
         `non_blocking` copies from pinned CPU memory without waiting (CUDA)."""
         write_slot(self, slot, a, b, non_blocking)
+        if (magnitude is not None or bias is not None) and not self.row_gain.shape[1]:
+            self.row_gain = self.row_gain.new_zeros(self.row_gain.shape[0], self.out_features)
+            self.row_bias = self.row_bias.new_zeros(self.row_bias.shape[0], self.out_features)
         self.row_gain[slot].zero_()
         self.row_bias[slot].zero_()
         if magnitude is not None and a is not None:

@@ -26,6 +26,7 @@ from .adapters import (
 from .config import MultiLoRAConfig
 from .errors import InvalidRequestError, WrapError
 from .kernels import select_backend
+from .embedding import MultiLoRAEmbedding
 from .experts import MultiLoRAExperts, is_fused_experts, projection_names
 from .layers import LINEAR_TYPES, MultiLoRALinear, linear_shape, swap_modules
 from .router import MultiLoRARouter, find_routers
@@ -57,6 +58,8 @@ def _target_shape(target: nn.Module) -> tuple:
         return linear_shape(target.base_layer)
     if isinstance(target, MultiLoRARouter):
         return target.in_features, target.out_features
+    if isinstance(target, MultiLoRAEmbedding):
+        return target.num_embeddings, target.embedding_dim
     return target.num_experts, target.in_features, target.out_features
 
 
@@ -85,7 +88,8 @@ class MultiLoRAModel(nn.Module):
                 f"expected a plain transformers model, but got a PEFT model ({type(model).__name__}); "
                 "pass the peft.PeftModel itself to `multilora_plugin.wrap()`, which serves its LoRA adapters"
             )
-        if any(isinstance(m, (MultiLoRALinear, MultiLoRAExperts, MultiLoRARouter)) for m in model.modules()):
+        if any(isinstance(m, (MultiLoRALinear, MultiLoRAExperts, MultiLoRARouter, MultiLoRAEmbedding))
+               for m in model.modules()):
             raise WrapError("this model is already wrapped: call `unwrap()` on its MultiLoRAModel first")
         super().__init__()
         self.hf_model = model
@@ -98,10 +102,12 @@ class MultiLoRAModel(nn.Module):
         self._output_embedding = next((n for n, m in model.named_modules() if out is not None and m is out), None)
 
         routers = find_routers(model)
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         slots = (config.max_loras, config.max_lora_rank, self._context, self._backend)
 
         def make(name: str, layer: nn.Module) -> Optional[nn.Module]:
-            """The one place where kinds of layer are chosen: linear layers, fused MoE experts, routers."""
+            """The one place where kinds of layer are chosen: linear layers, fused MoE experts, routers, the
+            input embedding."""
             if not config.targets(name, name == self._output_embedding):
                 return None
             if isinstance(layer, LINEAR_TYPES):
@@ -110,6 +116,8 @@ class MultiLoRAModel(nn.Module):
                 return MultiLoRAExperts(layer, *slots, compute_dtype=dtype)
             if name in routers:
                 return MultiLoRARouter(layer, *slots, compute_dtype=dtype)
+            if layer is embedding and isinstance(layer, nn.Embedding):
+                return MultiLoRAEmbedding(layer, *slots, compute_dtype=dtype)
             return None
 
         self._layers = swap_modules(model, make)
@@ -131,6 +139,8 @@ class MultiLoRAModel(nn.Module):
             experts={n: projection_names(m.base_layer) for n, m in self._layers.items()
                      if isinstance(m, MultiLoRAExperts)},
             pattern_keys={n: f"{n}.weight" for n, m in self._layers.items() if isinstance(m, MultiLoRARouter)},
+            embeddings=frozenset(n for n, m in self._layers.items() if isinstance(m, MultiLoRAEmbedding)),
+            tied_embeddings=out is not None and embedding is not None and out.weight is embedding.weight,
         )
         device = first.device if first is not None else torch.device("cpu")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -139,7 +149,7 @@ class MultiLoRAModel(nn.Module):
             max_cpu_loras=config.max_cpu_loras,
             read=self._read_weights,
             write=self._write_slots,
-            slot_buffer_bytes=sum(target.slot_bytes() for target in self._targets.values()),
+            slot_buffer_bytes=lambda: sum(target.slot_bytes() for target in self._targets.values()),
         )
         self._last_mapping: Optional[BatchMapping] = None
         # source → a PEFT state dict or None (read the adapter's directory); an engine sets it to its
@@ -260,10 +270,8 @@ class MultiLoRAModel(nn.Module):
             for slot, weights in writes:
                 for name, layer in self._targets.items():
                     w = weights.modules.get(name) if weights is not None else None
-                    extra = {} if w is None or (w.magnitude is None and w.bias is None) else \
-                        {"magnitude": w.magnitude, "bias": w.bias}  # DoRA, LoRA biases: linear layers only
                     layer.write_slot(slot, None if w is None else w.a, None if w is None else w.b,
-                                     non_blocking=stream is not None, **extra)
+                                     non_blocking=stream is not None, **({} if w is None else w.extra))
         if stream is not None:
             current.wait_stream(stream)
 

@@ -105,7 +105,9 @@ def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> Mod
     base = peft_model.get_base_model()
     out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     output_embedding = next((n for n, m in base.named_modules() if out is not None and m is out), None)
-    names, wrapped, experts, pattern_keys = {""}, {}, {}, {}
+    embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    embedding = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
+    names, wrapped, experts, pattern_keys, embeddings = {""}, {}, {}, {}, set()
 
     def visit(module: nn.Module, prefix: str) -> None:
         children = [(n, c.get_base_layer() if isinstance(c, BaseTunerLayer) else c) for n, c in module.named_children()]
@@ -122,9 +124,14 @@ def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> Mod
             elif targeted and child_name in routers:
                 wrapped[name] = tuple(reversed(child.weight.shape))  # [E, hidden] → (in, out)
                 pattern_keys[name] = f"{name}.weight"
+            elif targeted and child is embedding and isinstance(child, nn.Embedding):
+                wrapped[name] = tuple(child.weight.shape)  # (vocab, dim)
+                embeddings.add(name)
             else:
                 visit(child, name)
 
     visit(base, "")
+    tied = out is not None and embedding is not None and getattr(out, "weight", None) is embedding.weight
     return ModelModules(wrapped=wrapped, all_names=frozenset(names), output_embedding=output_embedding,
-                        max_lora_rank=config.max_lora_rank, experts=experts, pattern_keys=pattern_keys)
+                        max_lora_rank=config.max_lora_rank, experts=experts, pattern_keys=pattern_keys,
+                        embeddings=frozenset(embeddings), tied_embeddings=tied)

@@ -167,15 +167,15 @@ def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8,
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(os.fspath(path))
-    if config.use_dora or config.lora_bias:
+    if config.use_dora or config.lora_bias or config.trainable_token_indices:
         _as_trained(os.fspath(path), seed)
     return os.fspath(path)
 
 
 def _as_trained(path: str, seed: int) -> None:
-    """Give DoRA magnitudes and LoRA biases values that training would: PEFT initialises the magnitude
-    to the merged weight's row norms (a rescale of exactly 1) and the bias to zero, which would make
-    both indistinguishable from plain LoRA."""
+    """Give DoRA magnitudes, LoRA biases and trainable tokens values that training would: PEFT
+    initialises the magnitude to the merged weight's row norms (a rescale of exactly 1), the bias to
+    zero and the tokens to the embedding's own rows, which would make all three change nothing."""
     from safetensors.torch import load_file, save_file
 
     file = os.path.join(path, "adapter_model.safetensors")
@@ -186,6 +186,8 @@ def _as_trained(path: str, seed: int) -> None:
             tensors[key] = t * (1 + 0.3 * torch.randn(t.shape, generator=generator))
         elif key.endswith(".lora_B.bias"):
             tensors[key] = 0.3 * torch.randn(t.shape, generator=generator)
+        elif key.endswith(".trainable_tokens_delta"):
+            tensors[key] = t + 0.5 * torch.randn(t.shape, generator=generator)
     save_file(tensors, file, metadata={"format": "pt"})
 
 

@@ -92,7 +92,7 @@ def trained_bias(kit, tmp_path):
     return toy.make_adapter(kit.base, tmp_path / "bias", r=4, target_modules=["q_proj"], bias="all")
 
 
-def lora_on_embeddings(kit, tmp_path):
+def lora_on_unwrapped_embedding(kit, tmp_path):  # served where the embedding is wrapped (test_variants.py)
     return toy.make_adapter(kit.base, tmp_path / "emb", r=4, target_modules=["q_proj", "embed_tokens"])
 
 
@@ -163,7 +163,7 @@ BAD_ADAPTERS = [
     (ia3_adapter, IncompatibleAdapterError, "expected a LoRA adapter (peft_type 'LORA')"),
     (modules_to_save, IncompatibleAdapterError, "modules_to_save"),
     (trained_bias, IncompatibleAdapterError, "trained biases"),
-    (lora_on_embeddings, IncompatibleAdapterError, "LoRA on the embedding layer 'model.embed_tokens'"),
+    (lora_on_unwrapped_embedding, IncompatibleAdapterError, "'model.embed_tokens', but that module was not wrapped"),
     (lora_on_lm_head, IncompatibleAdapterError, "'lm_head', but it is the output embedding"),
     (unknown_module, IncompatibleAdapterError, "the model has no module of that name"),
     (module_not_wrapped, IncompatibleAdapterError, "that module was not wrapped"),

@@ -204,7 +204,7 @@ def test_bad_weights_from_a_plugin_are_refused(kit, tmp_path):
 
     engine = engine_for(kit, [Junk()])
     done = drive(engine, [([5], "task1", 2, 0), ([6], "task2", 2, 0)])
-    assert "not a LoRA A/B weight" in str(done[0].error)
+    assert "which is no LoRA weight this project serves" in str(done[0].error)
     assert "should be a PEFT state dict" in str(done[1].error)
 
 

@@ -1,7 +1,7 @@
-"""DoRA and LoRA biases, mixed per row with plain LoRA, MoE expert adapters and base rows: every row
-equals PEFT alone with its adapter (PEFT itself refuses `adapter_names` with DoRA), in forward,
-generate, the engine with fewer slots than adapters, transformers' continuous batching and HTTP, on
-both kernel backends and on a 4-bit base."""
+"""DoRA, LoRA biases, LoRA on the input embedding and trainable tokens, mixed per row with plain LoRA,
+MoE expert adapters and base rows: every row equals PEFT alone with its adapter (PEFT itself refuses
+`adapter_names` with DoRA), in forward, generate, the engine with fewer slots than adapters,
+transformers' continuous batching and HTTP, on both kernel backends."""
 
 from __future__ import annotations
 
@@ -13,19 +13,29 @@ import pytest
 import torch
 
 import multilora_plugin
-from multilora_plugin import toy
+from multilora_plugin import IncompatibleAdapterError, toy
 
 from .conftest import backend_names
 from .oracle import Case
 from .test_moe import specs as moe_specs
 
 
+TOKENS = list(range(4, 120, 3))  # trainable token ids: most prompts hold some
+
+
 def specs(arch: str) -> dict:
-    """Two DoRA adapters (one with rsLoRA), one with LoRA biases, a plain one; `fan_in_fan_out` on
-    GPT-2. `toy.make_adapter` gives magnitudes and biases trained-like values."""
+    """Two DoRA adapters (one with rsLoRA), one with LoRA biases, one with LoRA on the input embedding,
+    two with trainable tokens (PEFT's list and dict forms), a plain one; `fan_in_fan_out` on GPT-2.
+    `toy.make_adapter` gives magnitudes, biases and tokens trained-like values."""
     attn, mlp = toy.PROJECTIONS.get(arch, (("q_proj", "k_proj", "v_proj", "o_proj"), ()))
+    embedding = "wte" if arch == "gpt2" else "embed_tokens"
     common = dict(fan_in_fan_out=arch == "gpt2")
     return {
+        "emb": dict(r=8, lora_alpha=16, target_modules=[attn[0], embedding], seed=5, **common),
+        "tokens": dict(r=4, lora_alpha=8, target_modules=list(attn[-1:]), trainable_token_indices=TOKENS, seed=6,
+                       **common),
+        "tokens_dict": dict(r=2, lora_alpha=4, target_modules=list(attn[:1]),
+                            trainable_token_indices={embedding: TOKENS[::2]}, seed=7, **common),
         "dora": dict(r=4, lora_alpha=8, target_modules="all-linear" if mlp else list(attn), use_dora=True, seed=1,
                      **common),
         "dora_rs": dict(r=8, lora_alpha=8, target_modules=list(attn), use_dora=True, use_rslora=True, seed=2, **common),
@@ -53,7 +63,7 @@ def case(tmp_path_factory):
     return get
 
 
-ROWS = ["dora", None, "bias", "dora_rs", "plain", "dora"]
+ROWS = ["dora", None, "bias", "emb", "tokens", "dora_rs", "plain", "tokens_dict", "dora"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "opt"])
@@ -62,7 +72,7 @@ def test_mixed_forward_equals_peft_alone(case, arch):
 
 
 def test_with_moe_adapters(case):
-    case("mixtral").check_mixed_forward(["moe", "dora", None, "bias", "moe", "dora_rs"])
+    case("mixtral").check_mixed_forward(["moe", "dora", None, "bias", "emb", "moe", "tokens", "dora_rs"])
 
 
 @pytest.mark.parametrize("backend", backend_names())
@@ -86,19 +96,21 @@ def test_dora_is_not_plain_lora(case, tmp_path):
 
 
 def test_generate(case):
-    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44], [8, 9, 10], [70, 3, 19]]
-    case("gpt2").check_generate(["dora", None, "bias", "dora_rs", "plain"], prompts)
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44], [8, 9, 10], [70, 3, 19], [13, 16], [10, 22, 7]]
+    case("gpt2").check_generate(["dora", None, "bias", "dora_rs", "emb", "tokens", "tokens_dict"], prompts)
 
 
 def test_llm_generate_with_fewer_slots_than_adapters_dora_and_moe_among_them(case):
-    names = ["dora", "moe", "bias", None, "dora_rs", "plain"]
-    requests = [([5 + i, 9, 22 + i, 7][: 2 + i % 3], names[i % len(names)]) for i in range(12)]
+    names = ["dora", "moe", "bias", None, "emb", "dora_rs", "tokens", "plain"]
+    requests = [([5 + i, 9, 22 + i, 7][: 2 + i % 3], names[i % len(names)]) for i in range(16)]
     case("mixtral").check_llm(requests, max_loras=2)
 
 
 def test_transformers_continuous_batching(case):
     prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42], [8], [70, 3, 19, 4]]
-    case("llama").check_generate_batch(["dora", None, "bias", "dora_rs", "plain"], prompts, max_loras=2)
+    prompts += [[10, 13, 16], [22, 25]]
+    case("llama").check_generate_batch(["dora", None, "bias", "dora_rs", "plain", "emb", "tokens"], prompts,
+                                       max_loras=2)
 
 
 def test_over_http(case):
@@ -111,7 +123,7 @@ def test_over_http(case):
     engine = multilora_plugin.Engine(llama.wrapped(max_loras=2), tokenizer, load_entrypoints=False)
     with running_server(create_app(engine, served_model_name="tiny")) as url:
         client = InferenceClient(base_url=url)
-        for name in ["dora", None, "bias", "dora_rs"]:
+        for name in ["dora", None, "bias", "dora_rs", "emb", "tokens"]:
             out = client.text_generation("a story about the city", adapter_id=name, max_new_tokens=6, details=True)
             want = llama.greedy(name, tokenizer.encode("a story about the city"), 6)
             want = want[: want.index(3) + 1] if 3 in want else want  # cut at </s>
@@ -122,7 +134,27 @@ def test_over_http(case):
 def test_the_magnitude_and_bias_are_counted(case):
     llama = case("llama")
     model = multilora_plugin.wrap(llama.fresh(), max_loras=2)
-    plain_like = sum(4 * (i + o) for i, o in (model._modules_info.wrapped[n] for n in model._modules_info.wrapped))
     info = model.load_adapter("dora", llama.paths["dora"])  # rank 4 on every linear layer, plus its magnitude
-    outs = sum(o for _, o in model._modules_info.wrapped.values())
+    shapes = [model._modules_info.wrapped[n] for n in info.target_modules]
+    assert len(shapes) == 7 * model.config.num_hidden_layers
+    plain_like, outs = sum(4 * (i + o) for i, o in shapes), sum(o for _, o in shapes)
     assert info.num_bytes == (plain_like + outs) * 4
+
+
+def test_trainable_tokens_are_counted_and_checked(case, tmp_path):
+    llama = case("llama")
+    model = multilora_plugin.wrap(llama.fresh(), max_loras=2)
+    info = model.load_adapter("tokens", llama.paths["tokens"])  # rank 4 on o_proj, and len(TOKENS) new rows
+    (o_in, o_out), dim = model._modules_info.wrapped["model.layers.0.self_attn.o_proj"], model.config.hidden_size
+    assert info.num_bytes == model.config.num_hidden_layers * 4 * (o_in + o_out) * 4 + len(TOKENS) * (dim * 4 + 8)
+    tied = toy.tiny_model("llama", seed=3)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tied.config.tie_word_embeddings = True
+    path = toy.make_adapter(tied, tmp_path / "tied", r=2, target_modules=["q_proj"], trainable_token_indices=[5])
+    with pytest.raises(IncompatibleAdapterError, match="ties its input and output embeddings"):
+        multilora_plugin.wrap(tied, max_loras=1).load_adapter("tied", path)
+    bad = shutil.copytree(llama.paths["tokens"], tmp_path / "bad")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "trainable_token_indices": [*TOKENS[:-1], 999]}))
+    with pytest.raises(IncompatibleAdapterError, match="trainable token ids should be in 0..127"):
+        model.load_adapter("bad", bad)

@@ -13,10 +13,15 @@ from .conftest import padded_batch
 
 
 def test_all_linear_patches_every_projection_but_the_output_embedding(llama_kit):
+    """And the input embedding (LoRA on it, trainable tokens), whose LoRA buffers wait for an adapter."""
+    from multilora_plugin.embedding import MultiLoRAEmbedding
+
     model = multilora_plugin.wrap(llama_kit.fresh())
     names = model.patched_modules
-    assert len(names) == 2 * 7 and "lm_head" not in names
-    assert all(isinstance(model.get_submodule(n), MultiLoRALinear) for n in names)
+    assert len(names) == 2 * 7 + 1 and "lm_head" not in names
+    assert isinstance(model.get_submodule("model.embed_tokens"), MultiLoRAEmbedding)
+    assert all(isinstance(model.get_submodule(n), MultiLoRALinear) for n in names if n != "model.embed_tokens")
+    assert model.get_submodule("model.embed_tokens").lora_a.numel() == 0
 
 
 @pytest.mark.parametrize("target,expected", [

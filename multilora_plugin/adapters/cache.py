@@ -45,7 +45,7 @@ class AdapterCache:
     """Registered adapters and where their weights are. See the module docstring."""
 
     def __init__(self, *, num_slots: int, max_cpu_loras: int, read: Reader, write: Writer,
-                 slot_buffer_bytes: int = 0, prefetch_workers: int = 2) -> None:
+                 slot_buffer_bytes: "int | Callable[[], int]" = 0, prefetch_workers: int = 2) -> None:
         if max_cpu_loras < num_slots:
             raise ValueError(f"max_cpu_loras ({max_cpu_loras}) should be >= the number of slots ({num_slots})")
         self.max_cpu_loras = max_cpu_loras
@@ -272,7 +272,8 @@ class AdapterCache:
                 num_slots=self._slots.num_slots,
                 slots_used=len(in_slots),
                 gpu_bytes=sum(c.weights.num_bytes for c in in_slots),
-                slot_buffer_bytes=self._slot_buffer_bytes,
+                slot_buffer_bytes=self._slot_buffer_bytes() if callable(self._slot_buffer_bytes)
+                else self._slot_buffer_bytes,
                 max_cpu_loras=self.max_cpu_loras,
                 cpu_entries=len(live),
                 cpu_bytes=sum(c.weights.num_bytes for c in live),

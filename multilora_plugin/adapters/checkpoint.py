@@ -23,24 +23,30 @@ from ..errors import AdapterLoadError, IncompatibleAdapterError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
-# checkpoint key suffix → what it is: A, B, DoRA's magnitude [out], a LoRA bias [out] (`lora_bias=True`)
-_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m", ".lora_B.bias": "bias"}
+# checkpoint key suffix → what it is: A, B (of a linear layer or an embedding), DoRA's magnitude [out], a
+# LoRA bias [out] (`lora_bias=True`), trainable tokens' new rows [n, dim]
+_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "a", ".lora_embedding_B": "b",
+             ".lora_magnitude_vector": "m", ".lora_B.bias": "bias", ".token_adapter.trainable_tokens_delta": "tokens"}
+_EXTRA = {"m": "a DoRA magnitude", "bias": "a LoRA bias", "tokens": "trainable tokens"}
 
 
 @dataclass(frozen=True)
 class ModuleWeights:
-    a: torch.Tensor  # [r, in]; for fused experts [E, r, in]
-    b: torch.Tensor  # [out, r], scaling folded in; for fused experts [E, out, r]
-    magnitude: Optional[torch.Tensor] = None  # [out]: DoRA's magnitude (linear layers)
-    bias: Optional[torch.Tensor] = None  # [out]: the LoRA bias (`lora_bias=True`), scaling folded in
+    """What one adapter holds for one target. `extra`: what some kinds hold besides A and B, passed to
+    the layer's `write_slot` by name: "magnitude" [out] (DoRA), "bias" [out] (`lora_bias`, scaled),
+    "token_indices" [n] and "token_values" [n, dim] (trainable tokens of an embedding)."""
+
+    a: Optional[torch.Tensor]  # [r, in]; for fused experts [E, r, in]; None: no LoRA pair (trainable tokens only)
+    b: Optional[torch.Tensor]  # [out, r], scaling folded in; for fused experts [E, out, r]
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def tensors(self) -> tuple:
-        return tuple(t for t in (self.a, self.b, self.magnitude, self.bias) if t is not None)
+        return tuple(t for t in (self.a, self.b, *self.extra.values()) if t is not None)
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[-2])
+        return 0 if self.a is None else int(self.a.shape[-2])
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,10 @@ class AdapterWeights:
 
     def pin_memory(self) -> "AdapterWeights":
         """A copy in page-locked memory, so copies into CUDA slots can be asynchronous."""
-        pinned = {n: ModuleWeights(*(None if t is None else t.pin_memory() for t in (w.a, w.b, w.magnitude, w.bias)))
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
+        pinned = {n: ModuleWeights(pin(w.a), pin(w.b), {k: pin(t) for k, t in w.extra.items()})
                   for n, w in self.modules.items()}
         return replace(self, modules=pinned)
 
@@ -89,6 +98,8 @@ class ModelModules:
     # target → the name PEFT matches `rank_pattern` / `alpha_pattern` against, where it is not the
     # target's own (a router's "mlp.gate.weight")
     pattern_keys: Mapping[str, str] = field(default_factory=dict)
+    embeddings: frozenset = frozenset()  # targets that are embeddings (LoRA on them, trainable tokens)
+    tied_embeddings: bool = False  # the output embedding shares the input embedding's weight
 
 
 # (config attribute, its supported value, what to say). For None/False any falsy value is supported;
@@ -96,7 +107,6 @@ class ModelModules:
 _UNSUPPORTED = (
     ("modules_to_save", None, "`modules_to_save` (fully trained extra modules)"),
     ("bias", "none", "trained biases (`bias` other than 'none')"),
-    ("trainable_token_indices", None, "trainable token indices"),
     ("layer_replication", None, "layer replication"),
     ("alora_invocation_tokens", None, "activated LoRA (`alora_invocation_tokens`)"),
     ("use_qalora", False, "QA-LoRA (`use_qalora=True`)"),
@@ -190,12 +200,6 @@ def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
     resized vocabulary shows up as a shape mismatch of the LoRA weights.
     """
     names = {(key[len(_PREFIX):] if key.startswith(_PREFIX) else key): key for key in tensors}
-    embedded = sorted({n.split(".lora_embedding_")[0] for n in names if ".lora_embedding_" in n})
-    if embedded:
-        raise IncompatibleAdapterError(
-            f"adapter at {path!r} holds LoRA on the embedding layer {embedded[0]!r}; "
-            "only LoRA on linear layers is supported"
-        )
     pairs: dict = {}
     for name, key in names.items():
         if name.endswith(".base_layer.weight"):
@@ -203,8 +207,8 @@ def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
         suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
         if suffix is None:
             raise IncompatibleAdapterError(
-                f"adapter at {path!r} holds the tensor {key!r}, which is not a LoRA A/B weight; "
-                "only LoRA on linear layers is supported"
+                f"adapter at {path!r} holds the tensor {key!r}, which is no LoRA weight this project serves "
+                f"(expected keys ending in {', '.join(_SUFFIXES)})"
             )
         pairs.setdefault(name[: -len(suffix)], {})[_SUFFIXES[suffix]] = tensors[key]
     if not pairs:
@@ -221,14 +225,28 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
         else:
             why = "that module was not wrapped; include it in `wrap(..., target_modules=...)`"
         raise IncompatibleAdapterError(f"adapter at {path!r} targets {module!r}, but {why}")
+    extra = sorted(set(pair) - {"a", "b", "indices"})
+    if module in model.embeddings:
+        kind, allowed = "an embedding", {"tokens"}
+    elif len(model.wrapped[module]) == 3 or module in model.pattern_keys:
+        kind, allowed = "MoE experts or a router", set()
+    else:
+        kind, allowed = "a linear layer", {"m", "bias"}
+    refused = [k for k in extra if k not in allowed]
+    if refused:
+        raise IncompatibleAdapterError(f"adapter at {path!r} holds {_EXTRA[refused[0]]} for {module!r}, which is "
+                                       f"{kind}: that is not served there")
+    if "tokens" in pair and model.tied_embeddings:
+        raise IncompatibleAdapterError(f"adapter at {path!r} holds trainable tokens for {module!r}, but this model ties "
+                                       "its input and output embeddings, which is not served yet")
+    if "tokens" in pair and ("a" in pair or "b" in pair):
+        raise IncompatibleAdapterError(f"adapter at {path!r} holds both LoRA and trainable tokens for {module!r}")
+    if "tokens" in pair:
+        _check_tokens(path, module, pair["tokens"], pair.get("indices"), model)
+        return
     if not {"a", "b"} <= set(pair):
         missing = "lora_A" if "a" not in pair else "lora_B"
         raise AdapterLoadError(f"adapter at {path!r} has no {missing} weight for {module!r}")
-    extra = sorted(set(pair) - {"a", "b"})
-    if extra and (len(model.wrapped[module]) == 3 or module in model.pattern_keys):
-        what = {"m": "a DoRA magnitude", "bias": "a LoRA bias"}[extra[0]]
-        raise IncompatibleAdapterError(f"adapter at {path!r} holds {what} for {module!r}, which is not a linear "
-                                       "layer (PEFT serves neither on MoE experts or routers)")
     a, b = pair["a"], pair["b"]
     *experts, in_features, out_features = model.wrapped[module]
     num = experts[0] if experts else 1  # PEFT stacks the experts' A rows and B columns: [E * r, in], [out, E * r]
@@ -253,7 +271,7 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
             f"adapter at {path!r}, module {module!r}: rank {rank} is above max_lora_rank="
             f"{model.max_lora_rank}; wrap with max_lora_rank >= {rank}"
         )
-    for key in extra:
+    for key in extra:  # a magnitude or a bias: one value per output feature
         if pair[key].shape != (out_features,):
             raise IncompatibleAdapterError(
                 f"adapter at {path!r}, module {module!r}: expected {'lora_magnitude_vector' if key == 'm' else 'lora_B.bias'}"
@@ -261,6 +279,30 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
             )
     if not all(torch.isfinite(t).all() for t in pair.values()):
         raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: weights contain NaN or Inf")
+
+
+def _token_indices(config: LoraConfig, module: str) -> Optional[list]:
+    """The token ids the config gives trainable tokens of `module`: a list (the input embedding's) or
+    {module name or suffix: ids}, as PEFT reads `trainable_token_indices`."""
+    indices = config.trainable_token_indices
+    if isinstance(indices, dict):
+        return next((v for k, v in indices.items() if module == k or module.endswith(f".{k}")), None)
+    return indices
+
+
+def _check_tokens(path: str, module: str, values: torch.Tensor, indices, model: ModelModules) -> None:
+    vocab, dim = model.wrapped[module]
+    if indices is None:
+        raise AdapterLoadError(f"adapter at {path!r} holds trainable tokens for {module!r}, but its config's "
+                               "trainable_token_indices name none for it")
+    if values.shape != (len(indices), dim):
+        raise IncompatibleAdapterError(f"adapter at {path!r}, module {module!r}: expected trainable tokens of shape "
+                                       f"[{len(indices)}, {dim}], but found {list(values.shape)}")
+    if any(not 0 <= i < vocab for i in indices):
+        raise IncompatibleAdapterError(f"adapter at {path!r}, module {module!r}: trainable token ids should be in "
+                                       f"0..{vocab - 1}, but got {sorted(indices)}")
+    if not torch.isfinite(values).all():
+        raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: trainable tokens contain NaN or Inf")
 
 
 def _config_rank(config: LoraConfig, module: str) -> int:
@@ -303,7 +345,14 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
     pairs = _resolve_experts(path, pairs, model, config)
     modules = {}
     for module in sorted(pairs):
+        if "tokens" in pairs[module]:
+            pairs[module]["indices"] = _token_indices(config, module)
         _check_module(path, module, pairs[module], model, config)
+        if "tokens" in pairs[module]:  # trainable tokens: new rows, no LoRA pair
+            values = pairs[module]["tokens"].to(model.dtype or pairs[module]["tokens"].dtype).contiguous()
+            modules[module] = ModuleWeights(None, None, {"token_indices": torch.tensor(pairs[module]["indices"]),
+                                                         "token_values": values})
+            continue
         a, b = pairs[module]["a"], pairs[module]["b"]
         num = model.wrapped[module][0] if len(model.wrapped[module]) == 3 else None
         if num is not None:  # fused experts: per-expert A [E, r, in] and B [E, out, r]
@@ -312,12 +361,11 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
         scale = _scaling(config, model.pattern_keys.get(module, module), a.shape[-2], path)
         dtype = model.dtype or b.dtype
         # as PEFT: a magnitude or bias the config does not ask for (use_dora, lora_bias) is not used
-        magnitude = pairs[module].get("m") if getattr(config, "use_dora", False) else None
-        bias = pairs[module].get("bias") if getattr(config, "lora_bias", False) else None
-        modules[module] = ModuleWeights(
-            a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous(),
-            magnitude=None if magnitude is None else magnitude.float().contiguous(),
-            bias=None if bias is None else (bias.float() * scale).to(dtype).contiguous(),
-        )
+        extra = {}
+        if "m" in pairs[module] and getattr(config, "use_dora", False):
+            extra["magnitude"] = pairs[module]["m"].float().contiguous()
+        if "bias" in pairs[module] and getattr(config, "lora_bias", False):
+            extra["bias"] = (pairs[module]["bias"].float() * scale).to(dtype).contiguous()
+        modules[module] = ModuleWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous(), extra)
     fingerprint = before if before is not None and files_fingerprint(path) == before else None
     return AdapterWeights(name=name, path=path, config=config, modules=modules, fingerprint=fingerprint)

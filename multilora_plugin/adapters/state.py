@@ -93,7 +93,9 @@ class Hold:
 @dataclass(frozen=True)
 class CacheStats:
     """Memory per tier and counters since the model was wrapped. Bytes are adapter weights (A and
-    scaled B at their real ranks); `slot_buffer_bytes` is what the slot buffers reserve up front."""
+    scaled B at their real ranks, and whatever else a kind holds); `slot_buffer_bytes` is what the
+    slot buffers reserve: up front, but for an embedding's LoRA buffers, allocated when the first
+    adapter needs them."""
 
     registered: int
     pinned: int
