@@ -158,3 +158,20 @@ def test_trainable_tokens_are_counted_and_checked(case, tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**config, "trainable_token_indices": [*TOKENS[:-1], 999]}))
     with pytest.raises(IncompatibleAdapterError, match="trainable token ids should be in 0..127"):
         model.load_adapter("bad", bad)
+
+
+def test_a_peft_model_of_these_kinds_is_served_mixed(case):
+    """`wrap(peft_model)` with DoRA, embedding LoRA and trainable-token adapters (PEFT refuses to mix DoRA)."""
+    from peft import PeftModel
+
+    llama = case("llama")
+    peft_model = PeftModel.from_pretrained(llama.fresh(), llama.paths["dora"], adapter_name="dora")
+    for name in ("emb", "bias"):
+        peft_model.load_adapter(llama.paths[name], adapter_name=name)
+    model = multilora_plugin.wrap(peft_model, max_loras=3)
+    ids = torch.randint(4, 120, (4, 6), generator=torch.Generator().manual_seed(4))
+    rows = ["emb", "dora", None, "bias"]
+    with torch.no_grad():
+        got = model(input_ids=ids, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        assert (got[i] - llama.logits(name, ids)[i]).abs().max().item() <= 1e-4, name
