@@ -1,4 +1,4 @@
-"""Decode with the kinds of adapter and base people train on: MoE experts, QLoRA, DoRA.
+"""Decode with the kinds of adapter and base people train on: MoE experts, QLoRA, DoRA, trained heads.
 
 Every row of one batch has its own adapter; throughput against the base model and against PEFT:
 
@@ -11,6 +11,9 @@ Every row of one batch has its own adapter; throughput against the base model an
   --kind dora   a tiny random Llama and DoRA adapters on every linear layer; ours-lora runs the same
                 ranks without DoRA (the cost of the rescale), peft-1 PEFT's DoRA one adapter at a time
                 (PEFT refuses `adapter_names` with DoRA).
+  --kind saved  a tiny random Llama and adapters on every linear layer that also trained the LM head
+                (`modules_to_save=["lm_head"]`, a full vocab x hidden copy each); ours-lora runs the same
+                ranks without the heads, peft is PEFT's own mixed batch (`adapter_names=`).
 
 Each contestant warms up once, then `--repeats` interleaved timed rounds; throughput is batch *
 new_tokens / median time. Our tokens must equal PEFT's, row by row (exit code 1 otherwise; see
@@ -19,6 +22,7 @@ new_tokens / median time. Our tokens must equal PEFT's, row by row (exit code 1 
     python benchmarks/bench_kinds.py --kind moe                  # 8 MoE adapters
     python benchmarks/bench_kinds.py --kind qlora --json out.json
     python benchmarks/bench_kinds.py --kind dora
+    python benchmarks/bench_kinds.py --kind saved
     python benchmarks/bench_kinds.py --kind moe --quick          # a smoke run at tiny sizes
 """
 
@@ -42,7 +46,9 @@ from bench_decode import benchmark  # noqa: E402  (warm-up, then interleaved tim
 import multilora_plugin  # noqa: E402
 from multilora_plugin import toy  # noqa: E402
 
-KINDS = ("moe", "qlora", "dora")
+KINDS = ("moe", "qlora", "dora", "saved")
+MIXED_IN_PEFT = ("qlora", "saved")  # kinds PEFT mixes in one batch itself (`adapter_names=`)
+WITHOUT = {"dora": dict(use_dora=True), "saved": dict(modules_to_save=["lm_head"])}  # kinds also run without it
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,11 +102,11 @@ def build_base(args, root: str):
 
 
 def build_adapters(base, root: str, args) -> Dict[str, Dict[str, str]]:
-    """{set name: {adapter name: directory}}: "main" is what ours and PEFT serve; for DoRA also "lora",
-    the same ranks and seeds without DoRA."""
+    """{set name: {adapter name: directory}}: "main" is what ours and PEFT serve; for DoRA and saved
+    heads also "lora", the same ranks and seeds without them."""
     spec = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
-    sets = {"main": dict(use_dora=True) if args.kind == "dora" else {}}
-    if args.kind == "dora":
+    sets = {"main": WITHOUT.get(args.kind, {})}
+    if args.kind in WITHOUT:
         sets["lora"] = {}
     return {kind: {f"a{i}": toy.make_adapter(base, os.path.join(root, kind, f"a{i}"), seed=args.seed + 1 + i,
                                              **spec, **extra) for i in range(args.adapters)}
@@ -147,10 +153,10 @@ def make_contestants(fresh: Callable, adapters: Dict[str, Dict[str, str]], rows:
 
     contestants = Contestants(base=lambda: call(plain, prompt), ours=lambda: call(ours, prompt, adapter_names=rows))
     contestants.peft = peft
-    if args.kind == "dora":
+    if args.kind in WITHOUT:
         lora = ours_with(adapters["lora"])
         contestants["ours-lora"] = lambda: call(lora, prompt, adapter_names=rows)
-    if args.kind == "qlora":
+    if args.kind in MIXED_IN_PEFT:
         contestants["peft"] = lambda: call(peft, prompt, adapter_names=rows)
     else:
         contestants["peft-1"] = peft_one_at_a_time
@@ -181,7 +187,8 @@ def parting_gaps(ours: torch.Tensor, peft: torch.Tensor, peft_model, rows: List[
 
 def report(args, tps: dict, ratios: dict, parted: dict, match: bool, command: str) -> str:
     shape = {"moe": f"experts={args.experts} (top-2) expert width={args.intermediate} ",
-             "qlora": "bitsandbytes nf4 base ", "dora": "DoRA on every linear layer "}[args.kind]
+             "qlora": "bitsandbytes nf4 base ", "dora": "DoRA on every linear layer ",
+             "saved": f"a trained lm_head copy ({args.vocab} x {args.hidden}) each "}[args.kind]
     lines = [f"kind={args.kind} adapters={args.adapters} rank={args.rank} batch={args.batch} prompt={args.prompt_len} "
              f"new_tokens={args.new_tokens} hidden={args.hidden} layers={args.layers} {shape}{args.device} "
              f"{args.dtype} repeats={args.repeats}", "", "| contestant | tokens/s | vs base |", "|---|---:|---:|"]
@@ -207,13 +214,13 @@ def main(argv=None) -> int:
         contestants = make_contestants(fresh, adapters, rows, prompt, args)
         with torch.inference_mode():
             times, outputs = benchmark(contestants, args.repeats)
-        peft_name = "peft" if args.kind == "qlora" else "peft-1"
+        peft_name = "peft" if args.kind in MIXED_IN_PEFT else "peft-1"
         parted = parting_gaps(outputs["ours"], outputs[peft_name], contestants.peft, rows)
     match = not parted or (args.kind == "qlora" and max(parted.values()) < NEAR_TIE)
     tokens = args.batch * args.new_tokens
     tps = {name: tokens / statistics.median(t) for name, t in times.items()}
     pairs = [("ours", "base"), (peft_name, "base"), ("ours", peft_name)]
-    if args.kind == "dora":
+    if args.kind in WITHOUT:
         pairs.append(("ours", "ours-lora"))
     ratios = {f"{a}/{b}": tps[a] / tps[b] for a, b in pairs}
     print(report(args, tps, ratios, parted, match, command))

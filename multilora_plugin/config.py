@@ -18,6 +18,7 @@ def check_int(name: str, value: object, minimum: int, bound: str = "") -> None:
         raise ConfigError(f"`{name}` should be an int >= {bound or minimum}, but got {value!r}")
 BACKENDS = ("auto", "torch", "triton")
 ALL_LINEAR = "all-linear"
+AUTO = "auto"
 
 
 @dataclass
@@ -31,6 +32,10 @@ class MultiLoRAConfig:
     target_modules: "all-linear" (every nn.Linear / Conv1D but the output embeddings), a list of
                     module names or name suffixes (PEFT's rule), or a regex that must match a whole name
     backend:        "auto" | "torch" | "triton": the kernel backend, chosen once at wrap time
+    modules_to_save: the modules whose full per-adapter copies (PEFT's `modules_to_save`) can be
+                    served: "auto" (the input and output embeddings and a classification head,
+                    `score` or `classifier`), a list of module names or name suffixes (linear
+                    layers, embeddings or norms), or None
     """
 
     max_loras: int = 4
@@ -38,6 +43,7 @@ class MultiLoRAConfig:
     max_cpu_loras: Optional[int] = None
     target_modules: TargetModules = ALL_LINEAR
     backend: str = "auto"
+    modules_to_save: Optional[TargetModules] = AUTO
 
     def __post_init__(self) -> None:
         for name in ("max_loras", "max_lora_rank"):
@@ -65,6 +71,13 @@ class MultiLoRAConfig:
             )
         else:
             self.target_modules = tuple(target)
+        saved = self.modules_to_save
+        if isinstance(saved, str) and saved != AUTO or not isinstance(saved, (str, type(None), list, tuple)) or (
+                isinstance(saved, (list, tuple)) and not all(isinstance(t, str) and t for t in saved)):
+            raise ConfigError(f"`modules_to_save` should be {AUTO!r}, a list of module names or None, "
+                              f"but got {saved!r}")
+        if isinstance(saved, (list, tuple)):
+            self.modules_to_save = tuple(saved)
 
     def targets(self, name: str, is_output_embedding: bool) -> bool:
         """Whether the linear module called `name` is patched."""

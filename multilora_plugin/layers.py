@@ -78,6 +78,7 @@ class MultiLoRALinear(nn.Module):
         self.host_terms = [(False, False)] * max_loras  # (has DoRA, has a bias) per slot, on the host
         self.context = context
         self.backend = backend
+        self.head = False  # the output embedding: in transformers' continuous batching it sees the kept rows only
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
@@ -85,7 +86,7 @@ class MultiLoRALinear(nn.Module):
         if mapping is None or not mapping.has_lora:
             return y
         x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [T, in]
-        tokens = mapping.tokens(x2.shape[0], x.device)
+        tokens = (mapping.head_tokens if self.head else mapping.tokens)(x2.shape[0], x.device)
         rows = self._row_terms(y.view(-1, self.out_features), tokens)  # computed from the base output
         if y.dtype == self.lora_a.dtype:
             y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y

@@ -119,6 +119,11 @@ class BatchMapping:
         self._by_tokens[key] = mapping
         return mapping
 
+    def head_tokens(self, num_tokens: int, device: torch.device) -> TokenMapping:
+        """The per-token mapping of the output embedding's input: the same rows (with as many
+        positions each as the model keeps logits for)."""
+        return self.tokens(num_tokens, device)
+
 
 def token_mapping(runs: Sequence[tuple], kind: str, device: torch.device) -> TokenMapping:
     """The `TokenMapping` of an activation whose tokens come in `runs`: ((slot, num_tokens), ...) in
@@ -193,13 +198,18 @@ class PackedMapping:
     input, where cu is the running sum of `query_lens` (`cu_seq_lens_q`). Tokens past the last
     request (padding) take no slot.
 
+    The model may keep only the last position of the requests that take a new token before its LM
+    head (`logits_to_keep`); `head_slots` are then the slots of those rows, in order.
+
     Running example: request_slots = (1, -1, 0), query_lens = (3, 2, 1), num_slots = 2
         tokens(7): token_slots = [1, 1, 1, -1, -1, 0, -1], index = [5, 0, 1, 2], kind "sgmv"
+        with head_slots = (1, 0): head_tokens(3): token_slots = [1, 0, -1]
     """
 
     request_slots: tuple  # [R] python ints in -1 .. num_slots - 1
     query_lens: tuple  # [R] tokens of each request in this forward
     num_slots: int
+    head_slots: Optional[tuple] = None  # the slot of each row the LM head sees; None: every token
     _by_tokens: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +242,20 @@ class PackedMapping:
         kind = "bgmv" if all(n == 1 for n in self.query_lens) else "sgmv"
         mapping = self._by_tokens[key] = token_mapping(runs, kind, device)
         return mapping
+
+    def head_tokens(self, num_tokens: int, device: torch.device) -> TokenMapping:
+        """The per-token mapping of the LM head's input: `head_slots`' rows, then padding (cached)."""
+        if self.head_slots is None:
+            return self.tokens(num_tokens, device)
+        key = ("head", num_tokens, device)
+        cached = self._by_tokens.get(key)
+        if cached is None:
+            if num_tokens < len(self.head_slots):
+                raise InvalidRequestError(f"the LM head's input of {num_tokens} rows cannot hold the "
+                                          f"{len(self.head_slots)} rows kept for logits")
+            runs = [(slot, 1) for slot in self.head_slots] + [(-1, num_tokens - len(self.head_slots))]
+            cached = self._by_tokens[key] = token_mapping(runs, "bgmv", device)
+        return cached
 
 
 def expand_rows(row_slots: Sequence[int], batch_size: int) -> tuple:

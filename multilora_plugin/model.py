@@ -30,6 +30,7 @@ from .embedding import MultiLoRAEmbedding
 from .experts import MultiLoRAExperts, is_fused_experts, projection_names
 from .layers import LINEAR_TYPES, MultiLoRALinear, linear_shape, swap_modules
 from .router import MultiLoRARouter, find_routers
+from .saved import SUFFIX, MultiLoRASaved, copied_modules, per_token, saved_parameters
 from .mapping import BatchMapping, ForwardContext, PackedMapping, expand_rows
 
 
@@ -88,7 +89,7 @@ class MultiLoRAModel(nn.Module):
                 f"expected a plain transformers model, but got a PEFT model ({type(model).__name__}); "
                 "pass the peft.PeftModel itself to `multilora_plugin.wrap()`, which serves its LoRA adapters"
             )
-        if any(isinstance(m, (MultiLoRALinear, MultiLoRAExperts, MultiLoRARouter, MultiLoRAEmbedding))
+        if any(isinstance(m, (MultiLoRALinear, MultiLoRAExperts, MultiLoRARouter, MultiLoRAEmbedding, MultiLoRASaved))
                for m in model.modules()):
             raise WrapError("this model is already wrapped: call `unwrap()` on its MultiLoRAModel first")
         super().__init__()
@@ -103,6 +104,12 @@ class MultiLoRAModel(nn.Module):
 
         routers = find_routers(model)
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        embedding_name = next((n for n, m in model.named_modules() if embedding is not None and m is embedding), None)
+        copies = copied_modules(model, config.modules_to_save, embedding_name, self._output_embedding)
+        refused = [n for n, m in copies.items() if not per_token(m)]
+        if refused:
+            raise WrapError(f"`modules_to_save` should name linear layers, embeddings or norms, whose copies "
+                            f"work token by token, but {refused[0]!r} is a {type(copies[refused[0]]).__name__}")
         slots = (config.max_loras, config.max_lora_rank, self._context, self._backend)
 
         def make(name: str, layer: nn.Module) -> Optional[nn.Module]:
@@ -123,15 +130,27 @@ class MultiLoRAModel(nn.Module):
         self._layers = swap_modules(model, make)
         if not self._layers:
             raise WrapError(f"no nn.Linear or Conv1D module matched target_modules={config.target_modules!r}")
-        # what slots are written into: {target name: layer}, an experts module's projections by parameter name
+        if isinstance(self._layers.get(self._output_embedding), MultiLoRALinear):
+            self._layers[self._output_embedding].head = True
+        # the modules whose per-adapter copies are served wrap whatever is there now (a LoRA layer or not)
+        self._saved = {}
+        for name, original in copies.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            self._saved[name] = MultiLoRASaved(getattr(parent, child), original, config.max_loras, self._context,
+                                               head=name == self._output_embedding)
+            setattr(parent, child, self._saved[name])
+        # what slots are written into: {target name: layer}, an experts module's projections by parameter
+        # name, a module's copies by its name + ".modules_to_save"
         self._targets = {}
         for name, layer in self._layers.items():
             if isinstance(layer, MultiLoRAExperts):
                 self._targets.update({f"{name}.{p}": lora for p, lora in layer.lora.items()})
             else:
                 self._targets[name] = layer
+        self._targets.update({f"{name}{SUFFIX}": layer for name, layer in self._saved.items()})
         self._modules_info = ModelModules(
-            wrapped={n: _target_shape(t) for n, t in self._targets.items()},
+            wrapped={n: _target_shape(t) for n, t in self._targets.items() if not isinstance(t, MultiLoRASaved)},
             all_names=frozenset(n for n, _ in model.named_modules()),
             output_embedding=self._output_embedding,
             max_lora_rank=config.max_lora_rank,
@@ -141,6 +160,8 @@ class MultiLoRAModel(nn.Module):
             pattern_keys={n: f"{n}.weight" for n, m in self._layers.items() if isinstance(m, MultiLoRARouter)},
             embeddings=frozenset(n for n, m in self._layers.items() if isinstance(m, MultiLoRAEmbedding)),
             tied_embeddings=out is not None and embedding is not None and out.weight is embedding.weight,
+            saved={name: saved_parameters(original) for name, original in copies.items()},
+            input_embedding=embedding_name,
         )
         device = first.device if first is not None else torch.device("cpu")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -176,6 +197,11 @@ class MultiLoRAModel(nn.Module):
     def patched_modules(self) -> tuple:
         """Names of the modules that were swapped for multi-LoRA layers (linear, experts, routers)."""
         return tuple(self._layers)
+
+    @property
+    def saved_modules(self) -> tuple:
+        """Names of the modules whose per-adapter copies (`modules_to_save`) can be served."""
+        return tuple(self._saved)
 
     # adapters ---------------------------------------------------------------------------------------
     @property
@@ -375,10 +401,10 @@ class MultiLoRAModel(nn.Module):
         model = self.hf_model
         for handle in self._hooks:
             handle.remove()
-        for name, layer in self._layers.items():
+        for name, layer in [*self._saved.items(), *self._layers.items()]:  # copies wrap the LoRA layers
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
-        self._layers, self._targets = {}, {}
+        self._layers, self._targets, self._saved = {}, {}, {}
         self._cache.close()
         for name in self._cache.names():
             self._cache.unregister(name)

@@ -19,6 +19,7 @@ import tempfile
 
 from peft import LoraConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .adapters import ModelModules, read_adapter, read_source
@@ -29,6 +30,7 @@ from .experts import is_fused_experts, projection_names, projection_shape
 from .layers import LINEAR_TYPES, linear_shape
 from .model import MultiLoRAModel
 from .router import routers_of
+from .saved import copied_modules, saved_parameters
 
 
 def wrap_peft_model(peft_model: PeftModel, config: MultiLoRAConfig) -> MultiLoRAModel:
@@ -69,6 +71,7 @@ def wrap_peft_model(peft_model: PeftModel, config: MultiLoRAConfig) -> MultiLoRA
                 read_adapter(name, path, modules, source.config)
             except MultiLoRAError as exc:
                 raise type(exc)(f"PEFT adapter {name!r} cannot be served (the PeftModel is unchanged): {exc}") from exc
+        _restore_saved_modules(peft_model)
         model = MultiLoRAModel(peft_model.unload(), config)
         for i, (name, path) in enumerate(paths.items()):
             if i < config.max_cpu_loras:
@@ -97,6 +100,25 @@ def _save_adapters(peft_model: PeftModel, names: list, root: str) -> dict:
     return paths
 
 
+def _restore_saved_modules(peft_model: PeftModel) -> None:
+    """Put each module that adapters hold copies of (`modules_to_save`) back in place of PEFT's
+    wrapper: `unload()` would leave the active adapter's copy there instead."""
+    for name, module in list(peft_model.get_base_model().named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            base = peft_model.get_base_model()
+            setattr(base.get_submodule(parent_name) if parent_name else base, child, module.original_module)
+
+
+def _peft_base(module: nn.Module) -> nn.Module:
+    """The module a PEFT layer or wrapper stands for (what `unload()` puts back)."""
+    if isinstance(module, BaseTunerLayer):
+        return module.get_base_layer()
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        return _peft_base(module.original_module)
+    return module
+
+
 def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> ModelModules:
     """What `MultiLoRAModel(peft_model.unload(), config)` will check adapters against, found without
     changing the PeftModel: each PEFT layer stands for the base layer that `unload()` puts back, and
@@ -106,11 +128,12 @@ def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> Mod
     out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     output_embedding = next((n for n, m in base.named_modules() if out is not None and m is out), None)
     embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    embedding = embedding.get_base_layer() if isinstance(embedding, BaseTunerLayer) else embedding
+    embedding_name = next((n for n, m in base.named_modules() if embedding is not None and m is embedding), None)
+    embedding = None if embedding is None else _peft_base(embedding)
     names, wrapped, experts, pattern_keys, embeddings = {""}, {}, {}, {}, set()
 
     def visit(module: nn.Module, prefix: str) -> None:
-        children = [(n, c.get_base_layer() if isinstance(c, BaseTunerLayer) else c) for n, c in module.named_children()]
+        children = [(n, _peft_base(c)) for n, c in module.named_children()]
         routers = routers_of(children)
         for child_name, child in children:
             name = f"{prefix}.{child_name}" if prefix else child_name
@@ -131,7 +154,10 @@ def _modules_after_unload(peft_model: PeftModel, config: MultiLoRAConfig) -> Mod
                 visit(child, name)
 
     visit(base, "")
+    out = None if out is None else _peft_base(out)
     tied = out is not None and embedding is not None and getattr(out, "weight", None) is embedding.weight
+    copies = copied_modules(base, config.modules_to_save, embedding_name, output_embedding, resolve=_peft_base)
     return ModelModules(wrapped=wrapped, all_names=frozenset(names), output_embedding=output_embedding,
                         max_lora_rank=config.max_lora_rank, experts=experts, pattern_keys=pattern_keys,
-                        embeddings=frozenset(embeddings), tied_embeddings=tied)
+                        embeddings=frozenset(embeddings), tied_embeddings=tied,
+                        saved={n: saved_parameters(m) for n, m in copies.items()}, input_embedding=embedding_name)

@@ -153,34 +153,37 @@ def tiny_tokenizer(vocab_size: int = 128):
 
 def make_adapter(model: nn.Module, path: Union[str, os.PathLike], *, r: int = 8, lora_alpha: float = 16,
                  target_modules: Union[str, Sequence[str]] = "all-linear", seed: int = 0,
-                 **lora_kwargs) -> str:
+                 task_type: str = "CAUSAL_LM", **lora_kwargs) -> str:
     """Write a random PEFT LoRA adapter for `model` (which stays untouched) to `path`.
 
     `init_lora_weights=False` makes both A and B random, so every adapter changes the output.
+    `task_type="SEQ_CLS"` (for a sequence-classification model) saves its `score` head, as PEFT does.
     """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, init_lora_weights=False,
-                        task_type="CAUSAL_LM", **lora_kwargs)
+                        task_type=task_type, **lora_kwargs)
     with warnings.catch_warnings():  # peft calls a transformers method that transformers deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(copy.deepcopy(model), config)
     peft_model.save_pretrained(os.fspath(path))
-    if config.use_dora or config.lora_bias or config.trainable_token_indices:
+    if config.use_dora or config.lora_bias or config.trainable_token_indices or config.modules_to_save:
         _as_trained(os.fspath(path), seed)
     return os.fspath(path)
 
 
 def _as_trained(path: str, seed: int) -> None:
-    """Give DoRA magnitudes, LoRA biases and trainable tokens values that training would: PEFT
-    initialises the magnitude to the merged weight's row norms (a rescale of exactly 1), the bias to
-    zero and the tokens to the embedding's own rows, which would make all three change nothing."""
+    """Give DoRA magnitudes, LoRA biases, trainable tokens and saved module copies values that
+    training would: PEFT initialises the magnitude to the merged weight's row norms (a rescale of
+    exactly 1), the bias to zero, the tokens to the embedding's own rows and a copy to the module
+    itself, which would make all four change nothing."""
     from safetensors.torch import load_file, save_file
 
     file = os.path.join(path, "adapter_model.safetensors")
     tensors = load_file(file)
     generator = torch.Generator().manual_seed(seed + 1000)
+    copies = []  # (as saved, as trained)
     for key, t in tensors.items():
         if key.endswith(".lora_magnitude_vector"):
             tensors[key] = t * (1 + 0.3 * torch.randn(t.shape, generator=generator))
@@ -188,6 +191,12 @@ def _as_trained(path: str, seed: int) -> None:
             tensors[key] = 0.3 * torch.randn(t.shape, generator=generator)
         elif key.endswith(".trainable_tokens_delta"):
             tensors[key] = t + 0.5 * torch.randn(t.shape, generator=generator)
+        elif "lora_" not in key and ".base_layer." not in key:  # a module copy (`modules_to_save`)
+            # copies PEFT ties (`ensure_weight_tying`) are saved equal, and stay equal
+            tensors[key] = next((new.clone() for old, new in copies if torch.equal(old, t)), None)
+            if tensors[key] is None:
+                tensors[key] = t + 0.5 * t.abs().mean() * torch.randn(t.shape, generator=generator)
+                copies.append((t, tensors[key]))
     save_file(tensors, file, metadata={"format": "pt"})
 
 

@@ -36,6 +36,7 @@ an error).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -214,7 +215,10 @@ class _CBModel(nn.Module):
             return getattr(self.wrapped, name)
 
     def forward(self, **kwargs: Any):
-        return self.wrapped(lora_mapping=self.session.mapping, **kwargs)
+        mapping = self.session.mapping
+        if mapping is not None and "logits_to_keep" not in kwargs:  # the LM head sees every token
+            mapping = dataclasses.replace(mapping, head_slots=None)
+        return self.wrapped(lora_mapping=mapping, **kwargs)
 
 
 class _Session:
@@ -312,7 +316,9 @@ class LoRAScheduler(cb_scheduler.FIFOScheduler):
         if not scheduled and allocation_failed:
             return None, fast_path, 0, 0
         self.session.mapping = PackedMapping(tuple(self._slot(f.state) for f in scheduled),
-                                             tuple(f.query_length for f in scheduled), self.session.num_slots)
+                                             tuple(f.query_length for f in scheduled), self.session.num_slots,
+                                             head_slots=tuple(self._slot(f.state) for f in scheduled
+                                                              if f.has_new_token))
         return scheduled, fast_path, num_q, max_kv
 
     # adapters ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ def wrap(
     max_cpu_loras: Optional[int] = None,
     target_modules: TargetModules = "all-linear",
     backend: str = "auto",
+    modules_to_save: Optional[TargetModules] = "auto",
 ) -> "MultiLoRAModel":
     """Patch `model`'s linear layers into slot-indexed multi-LoRA layers and return the facade.
 
@@ -30,7 +31,7 @@ def wrap(
     """
     config = MultiLoRAConfig(
         max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-        target_modules=target_modules, backend=backend,
+        target_modules=target_modules, backend=backend, modules_to_save=modules_to_save,
     )
     if isinstance(model, PeftModel):
         return wrap_peft_model(model, config)

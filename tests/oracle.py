@@ -59,6 +59,22 @@ class Case:
             if name is not None:
                 assert (want - base).abs().max().item() > 10 * atol, f"adapter {name} should change the output"
 
+    def check_peft_model(self, names: list, rows: list) -> None:
+        """`wrap(peft_model)` of a PeftModel holding the adapters `names`: each row of a mixed forward
+        equals PEFT alone with its adapter."""
+        from peft import PeftModel
+
+        first, *rest = names
+        peft_model = PeftModel.from_pretrained(self.fresh(), self.paths[first], adapter_name=first)
+        for name in rest:
+            peft_model.load_adapter(self.paths[name], adapter_name=name)
+        model = multilora_plugin.wrap(peft_model, max_loras=len(names))
+        ids = torch.randint(4, 120, (len(rows), 6), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            got = model(input_ids=ids, adapter_names=rows).logits
+        for i, name in enumerate(rows):
+            assert (got[i] - self.logits(name, ids)[i]).abs().max().item() <= 1e-4, name
+
     def check_generate(self, rows: list, prompts: list, new_tokens: int = 5) -> None:
         """`generate` of a left-padded mixed batch gives each row PEFT's greedy tokens alone."""
         width = max(map(len, prompts))
@@ -84,6 +100,26 @@ class Case:
                                        num_blocks=32, max_batch_tokens=16, page_size=16))
         got = [r.generated_tokens for r in sorted(out.values(), key=lambda r: int(r.request_id.split("_")[-1]))]
         assert got == [self.greedy(n, p, new_tokens) for n, p in zip(names, prompts)]
+
+    def check_http(self, names: list, prompt: str = "a story about the city", new_tokens: int = 6) -> None:
+        """`multilora serve`'s app with fewer slots than adapters, through the TGI client: each
+        adapter's greedy tokens equal PEFT alone (the tiny tokenizer of a 128-token vocabulary)."""
+        from huggingface_hub import InferenceClient
+
+        from multilora_plugin import toy
+        from multilora_plugin.integrations.local import running_server
+        from multilora_plugin.integrations.server import create_app
+
+        tokenizer = toy.tiny_tokenizer(128)
+        engine = multilora_plugin.Engine(self.wrapped(max_loras=2), tokenizer, load_entrypoints=False)
+        with running_server(create_app(engine, served_model_name="tiny")) as url:
+            client = InferenceClient(base_url=url)
+            for name in names:
+                out = client.text_generation(prompt, adapter_id=name, max_new_tokens=new_tokens, details=True)
+                want = self.greedy(name, tokenizer.encode(prompt), new_tokens)
+                want = want[: want.index(3) + 1] if 3 in want else want  # cut at </s>
+                assert [t.id for t in out.details.tokens] == want, name
+        engine.close()
 
     def check_llm(self, requests: list, max_loras: int, new_tokens: int = 5) -> None:
         """`LLM.generate` over more adapters than slots: every request equals PEFT alone."""

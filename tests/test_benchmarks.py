@@ -65,7 +65,7 @@ def test_bench_ray_quick(tmp_path):
 
 
 @pytest.mark.parametrize("kind,contestants", [("moe", {"peft-1"}), ("qlora", {"peft"}),
-                                              ("dora", {"peft-1", "ours-lora"})])
+                                              ("dora", {"peft-1", "ours-lora"}), ("saved", {"peft", "ours-lora"})])
 def test_bench_kinds_quick(tmp_path, kind, contestants):
     out = tmp_path / "kind.json"
     assert load("bench_kinds").main(["--quick", "--kind", kind, "--json", str(out)]) == 0

@@ -84,8 +84,8 @@ def ia3_adapter(kit, tmp_path):
     return tmp_path / "ia3"
 
 
-def modules_to_save(kit, tmp_path):
-    return toy.make_adapter(kit.base, tmp_path / "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+def copy_not_served(kit, tmp_path):  # lm_head, embed_tokens and score copies are served (test_saved.py)
+    return toy.make_adapter(kit.base, tmp_path / "mts", r=4, target_modules=["q_proj"], modules_to_save=["norm"])
 
 
 def trained_bias(kit, tmp_path):
@@ -161,7 +161,7 @@ BAD_ADAPTERS = [
     (no_weights, AdapterLoadError, "adapter_model.safetensors or adapter_model.bin"),
     (corrupt_weights, AdapterLoadError, "could not read the adapter weights"),
     (ia3_adapter, IncompatibleAdapterError, "expected a LoRA adapter (peft_type 'LORA')"),
-    (modules_to_save, IncompatibleAdapterError, "modules_to_save"),
+    (copy_not_served, IncompatibleAdapterError, "copy of 'model.layers.0.input_layernorm' (`modules_to_save`), but"),
     (trained_bias, IncompatibleAdapterError, "trained biases"),
     (lora_on_unwrapped_embedding, IncompatibleAdapterError, "'model.embed_tokens', but that module was not wrapped"),
     (lora_on_lm_head, IncompatibleAdapterError, "'lm_head', but it is the output embedding"),

@@ -128,7 +128,7 @@ def test_non_lora_adapters_are_refused(config, found):
 
 
 @pytest.mark.parametrize("extra,wrap_kwargs,match", [
-    (LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), {}, r"'bad'.*modules_to_save"),
+    (LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"]), {}, r"'bad'.*modules_to_save"),
     (LoraConfig(r=8, target_modules=["q_proj"]), dict(max_lora_rank=4), r"'bad'.*max_lora_rank=4"),
     (LoraConfig(r=4, target_modules=["v_proj"]), dict(target_modules=["q_proj", "o_proj", "up_proj"]),
      r"'bad'.*v_proj.*not wrapped"),

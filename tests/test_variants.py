@@ -114,21 +114,7 @@ def test_transformers_continuous_batching(case):
 
 
 def test_over_http(case):
-    from huggingface_hub import InferenceClient
-
-    from multilora_plugin.integrations.local import running_server
-    from multilora_plugin.integrations.server import create_app
-
-    llama, tokenizer = case("llama"), toy.tiny_tokenizer(128)
-    engine = multilora_plugin.Engine(llama.wrapped(max_loras=2), tokenizer, load_entrypoints=False)
-    with running_server(create_app(engine, served_model_name="tiny")) as url:
-        client = InferenceClient(base_url=url)
-        for name in ["dora", None, "bias", "dora_rs", "emb", "tokens"]:
-            out = client.text_generation("a story about the city", adapter_id=name, max_new_tokens=6, details=True)
-            want = llama.greedy(name, tokenizer.encode("a story about the city"), 6)
-            want = want[: want.index(3) + 1] if 3 in want else want  # cut at </s>
-            assert [t.id for t in out.details.tokens] == want, name
-    engine.close()
+    case("llama").check_http(["dora", None, "bias", "dora_rs", "emb", "tokens"])
 
 
 def test_the_magnitude_and_bias_are_counted(case):
@@ -161,17 +147,5 @@ def test_trainable_tokens_are_counted_and_checked(case, tmp_path):
 
 
 def test_a_peft_model_of_these_kinds_is_served_mixed(case):
-    """`wrap(peft_model)` with DoRA, embedding LoRA and trainable-token adapters (PEFT refuses to mix DoRA)."""
-    from peft import PeftModel
-
-    llama = case("llama")
-    peft_model = PeftModel.from_pretrained(llama.fresh(), llama.paths["dora"], adapter_name="dora")
-    for name in ("emb", "bias"):
-        peft_model.load_adapter(llama.paths[name], adapter_name=name)
-    model = multilora_plugin.wrap(peft_model, max_loras=3)
-    ids = torch.randint(4, 120, (4, 6), generator=torch.Generator().manual_seed(4))
-    rows = ["emb", "dora", None, "bias"]
-    with torch.no_grad():
-        got = model(input_ids=ids, adapter_names=rows).logits
-    for i, name in enumerate(rows):
-        assert (got[i] - llama.logits(name, ids)[i]).abs().max().item() <= 1e-4, name
+    """`wrap(peft_model)` with DoRA, embedding LoRA and LoRA-bias adapters (PEFT refuses to mix DoRA)."""
+    case("llama").check_peft_model(["dora", "emb", "bias"], ["emb", "dora", None, "bias"])

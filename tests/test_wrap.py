@@ -13,15 +13,22 @@ from .conftest import padded_batch
 
 
 def test_all_linear_patches_every_projection_but_the_output_embedding(llama_kit):
-    """And the input embedding (LoRA on it, trainable tokens), whose LoRA buffers wait for an adapter."""
+    """And the input embedding (LoRA on it, trainable tokens), whose LoRA buffers wait for an adapter;
+    both embeddings take adapters' copies of them (`modules_to_save`), around whatever LoRA layer is there."""
     from multilora_plugin.embedding import MultiLoRAEmbedding
+    from multilora_plugin.saved import MultiLoRASaved
 
     model = multilora_plugin.wrap(llama_kit.fresh())
     names = model.patched_modules
     assert len(names) == 2 * 7 + 1 and "lm_head" not in names
-    assert isinstance(model.get_submodule("model.embed_tokens"), MultiLoRAEmbedding)
+    embedding = model.get_submodule("model.embed_tokens")
+    assert isinstance(embedding, MultiLoRASaved) and isinstance(embedding.base_layer, MultiLoRAEmbedding)
     assert all(isinstance(model.get_submodule(n), MultiLoRALinear) for n in names if n != "model.embed_tokens")
-    assert model.get_submodule("model.embed_tokens").lora_a.numel() == 0
+    assert embedding.base_layer.lora_a.numel() == 0
+    assert model.saved_modules == ("model.embed_tokens", "lm_head")
+    assert isinstance(model.get_submodule("lm_head").base_layer, torch.nn.Linear)
+    assert model.get_output_embeddings().weight is model.get_submodule("lm_head").base_layer.weight
+    assert multilora_plugin.wrap(llama_kit.fresh(), modules_to_save=None).saved_modules == ()
 
 
 @pytest.mark.parametrize("target,expected", [

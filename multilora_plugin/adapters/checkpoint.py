@@ -27,6 +27,7 @@ _PREFIX = "base_model.model."
 # LoRA bias [out] (`lora_bias=True`), trainable tokens' new rows [n, dim]
 _SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "a", ".lora_embedding_B": "b",
              ".lora_magnitude_vector": "m", ".lora_B.bias": "bias", ".token_adapter.trainable_tokens_delta": "tokens"}
+SUFFIX = ".modules_to_save"  # a module copy's target name: the module's name + SUFFIX (PEFT's module path)
 _EXTRA = {"m": "a DoRA magnitude", "bias": "a LoRA bias", "tokens": "trainable tokens"}
 
 
@@ -34,7 +35,8 @@ _EXTRA = {"m": "a DoRA magnitude", "bias": "a LoRA bias", "tokens": "trainable t
 class ModuleWeights:
     """What one adapter holds for one target. `extra`: what some kinds hold besides A and B, passed to
     the layer's `write_slot` by name: "magnitude" [out] (DoRA), "bias" [out] (`lora_bias`, scaled),
-    "token_indices" [n] and "token_values" [n, dim] (trainable tokens of an embedding)."""
+    "token_indices" [n] and "token_values" [n, dim] (trainable tokens of an embedding); a module's
+    full copy (`modules_to_save`, target "<module>.modules_to_save") holds its parameters by name."""
 
     a: Optional[torch.Tensor]  # [r, in]; for fused experts [E, r, in]; None: no LoRA pair (trainable tokens only)
     b: Optional[torch.Tensor]  # [out, r], scaling folded in; for fused experts [E, out, r]
@@ -100,12 +102,14 @@ class ModelModules:
     pattern_keys: Mapping[str, str] = field(default_factory=dict)
     embeddings: frozenset = frozenset()  # targets that are embeddings (LoRA on them, trainable tokens)
     tied_embeddings: bool = False  # the output embedding shares the input embedding's weight
+    input_embedding: Optional[str] = None
+    # module whose full copies are served (`modules_to_save`) → {parameter name: (shape, dtype)}
+    saved: Mapping[str, Mapping[str, tuple]] = field(default_factory=dict)
 
 
 # (config attribute, its supported value, what to say). For None/False any falsy value is supported;
 # attributes that an older peft does not have count as supported.
 _UNSUPPORTED = (
-    ("modules_to_save", None, "`modules_to_save` (fully trained extra modules)"),
     ("bias", "none", "trained biases (`bias` other than 'none')"),
     ("layer_replication", None, "layer replication"),
     ("alora_invocation_tokens", None, "activated LoRA (`alora_invocation_tokens`)"),
@@ -192,8 +196,28 @@ def _resolve_experts(path: str, pairs: dict, model: ModelModules, config: LoraCo
     return resolved
 
 
-def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
-    """Group checkpoint keys into {module name: {"a": tensor, "b": tensor}}.
+def _saved_owner(path: str, name: str, model: ModelModules, config: LoraConfig) -> Optional[str]:
+    """The module whose trained copy (`modules_to_save`) the tensor `name` belongs to, or None.
+    PEFT saves a copy's parameters under the module's own name ("lm_head.weight"), and copies every
+    module whose name ends with an entry ("norm" takes "input_layernorm" too)."""
+    named = tuple(config.modules_to_save or ())
+    if named and getattr(config, "ensure_weight_tying", False) and model.tied_embeddings:
+        named += tuple(n for n in (model.input_embedding, model.output_embedding) if n)  # PEFT copies both, tied
+    owners = [m for m in model.all_names if m and name.startswith(f"{m}.") and any(m.endswith(t) for t in named)]
+    if not owners:
+        return None
+    owner = min(owners, key=len)
+    if owner not in model.saved:
+        raise IncompatibleAdapterError(
+            f"adapter at {path!r} holds a trained copy of {owner!r} (`modules_to_save`), but copies of that module "
+            f"are not served by this model; wrap with modules_to_save=[..., {owner!r}]"
+        )
+    return owner
+
+
+def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor], model: ModelModules, config: LoraConfig) -> dict:
+    """Group checkpoint keys into {module name: {"a": tensor, "b": tensor, ...}}, and the parameters
+    of a module's trained copy into {module name + ".modules_to_save": {"saved": {parameter: tensor}}}.
 
     PEFT also saves the full base weights of embedding-like modules it targets (`*.base_layer.weight`,
     in case the vocabulary was resized); LoRA leaves them unchanged, so they are skipped here, and a
@@ -205,6 +229,10 @@ def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor]) -> dict:
         if name.endswith(".base_layer.weight"):
             continue
         suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
+        owner = None if suffix is not None else _saved_owner(path, name, model, config)
+        if owner is not None:
+            pairs.setdefault(owner + SUFFIX, {"saved": {}})["saved"][name[len(owner) + 1:]] = tensors[key]
+            continue
         if suffix is None:
             raise IncompatibleAdapterError(
                 f"adapter at {path!r} holds the tensor {key!r}, which is no LoRA weight this project serves "
@@ -281,6 +309,28 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
         raise AdapterLoadError(f"adapter at {path!r}, module {module!r}: weights contain NaN or Inf")
 
 
+def _saved_weights(path: str, target: str, pairs: Mapping, model: ModelModules) -> ModuleWeights:
+    """A module's trained copy, checked against the module: parameters it has, of its shapes, finite;
+    kept in the module's dtypes. Parameters the checkpoint leaves out keep the module's values."""
+    module, params = target[: -len(SUFFIX)], pairs[target]["saved"]
+    if module in pairs:
+        raise IncompatibleAdapterError(f"adapter at {path!r} holds both a trained copy of {module!r} "
+                                       "(`modules_to_save`) and adapter weights for it")
+    own = model.saved[module]
+    for name, tensor in params.items():
+        if name not in own:
+            raise IncompatibleAdapterError(f"adapter at {path!r} holds {name!r} in its copy of {module!r}, which "
+                                           f"has no such parameter (it has {sorted(own)})")
+        if tuple(tensor.shape) != own[name][0]:
+            raise IncompatibleAdapterError(
+                f"adapter at {path!r}, copy of {module!r}: expected {name} of shape {list(own[name][0])}, but found "
+                f"{list(tensor.shape)} (was the adapter trained on another base model or vocabulary?)"
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterLoadError(f"adapter at {path!r}, copy of {module!r}: {name} contains NaN or Inf")
+    return ModuleWeights(None, None, {n: t.to(own[n][1]).contiguous() for n, t in params.items()})
+
+
 def _token_indices(config: LoraConfig, module: str) -> Optional[list]:
     """The token ids the config gives trainable tokens of `module`: a list (the input embedding's) or
     {module name or suffix: ids}, as PEFT reads `trainable_token_indices`."""
@@ -341,10 +391,13 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
         raise AdapterLoadError(f"adapter {name!r}: the weights provided should be a PEFT state dict "
                                f"{{name: tensor}}, but got {type(tensors).__name__}")
     before = files_fingerprint(path) if tensors is None else None
-    pairs = _module_pairs(path, _read_tensors(path) if tensors is None else dict(tensors))
+    pairs = _module_pairs(path, _read_tensors(path) if tensors is None else dict(tensors), model, config)
     pairs = _resolve_experts(path, pairs, model, config)
     modules = {}
     for module in sorted(pairs):
+        if module.endswith(SUFFIX):
+            modules[module] = _saved_weights(path, module, pairs, model)
+            continue
         if "tokens" in pairs[module]:
             pairs[module]["indices"] = _token_indices(config, module)
         _check_module(path, module, pairs[module], model, config)
