@@ -10,6 +10,10 @@ copy's slot are gathered, run through the original module with the copy's parame
 (`torch.func.functional_call`) and scattered back over the base output.
 
     y = base_layer(x);   y[tokens of slot s] = original(x[tokens of slot s]; parameters of copy s)
+
+On a model whose output embedding is tied to the input embedding, an adapter's trainable tokens change
+both (as PEFT ties them): the output embedding's copy is then sparse, only the new tokens' rows of its
+weight, and their logits are computed alone:  y[tokens of slot s, ids] = x[tokens of slot s] @ values.T
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class MultiLoRASaved(nn.Module):
         # (not registered again as a submodule, so the state dict names it once)
         object.__setattr__(self, "original", original)
         self.copies: list = [None] * max_loras  # per slot: {parameter name: tensor} or None
+        self.columns: list = [None] * max_loras  # per slot: tied trainable tokens (ids [n], rows [n, in]) or None
         self.context = context
         self.head = head  # the output embedding: in transformers' continuous batching it sees the kept rows only
 
@@ -84,34 +89,50 @@ class MultiLoRASaved(nn.Module):
 
     @torch.no_grad()
     def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor], non_blocking: bool = False,
+                   token_indices: Optional[torch.Tensor] = None, token_values: Optional[torch.Tensor] = None,
                    **params: torch.Tensor) -> None:
-        """Put an adapter's copy ({parameter name: tensor}, as saved) in `slot`; none empties it. A copy
-        holds no LoRA pair (`a`, `b` are None)."""
+        """Put an adapter's copy ({parameter name: tensor}, as saved) in `slot`, or the rows its tied
+        trainable tokens give the output embedding (`token_indices` [n], `token_values` [n, in]); none
+        empties it. A copy holds no LoRA pair (`a`, `b` are None)."""
         if a is not None or b is not None:
             raise ValueError("a module copy holds no LoRA pair")
+        weight = self.original.weight
+        self.columns[slot] = None if token_indices is None else (
+            token_indices.to(weight.device, torch.int64, non_blocking=non_blocking),
+            token_values.to(weight.device, weight.dtype, non_blocking=non_blocking))
         own = {n: self.original.get_parameter(n) for n in params}
         self.copies[slot] = {n: t.to(own[n].device, own[n].dtype, non_blocking=non_blocking)
                              for n, t in params.items()} or None
 
     def slot_bytes(self) -> int:
         """The copies held in slots now."""
-        return sum(t.numel() * t.element_size() for c in self.copies if c is not None for t in c.values())
+        held = [t for c in self.copies if c is not None for t in c.values()]
+        held += [t for c in self.columns if c is not None for t in c]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         mapping = self.context.mapping
-        if mapping is None or not any(c is not None for c in self.copies):
+        if mapping is None or not any(c is not None for c in (*self.copies, *self.columns)):
             return y
         x2 = x.reshape(-1) if isinstance(self.original, nn.Embedding) else x.reshape(-1, x.shape[-1])
         tokens = (mapping.head_tokens if self.head else mapping.tokens)(x2.shape[0], x.device)
-        segments = [seg for seg in tokens.segments if self.copies[seg[0]] is not None]
+        segments = [seg for seg in tokens.segments if self.copies[seg[0]] is not None
+                    or self.columns[seg[0]] is not None]
         if not segments:
             return y
         y = y.contiguous()
         y2 = y.view(x2.shape[0], -1)  # [T, out], a view: the copies' rows land in y
         for slot, start, end in segments:
             picked = tokens.index[start:end].long()
-            y2[picked] = self._run_copy(self.copies[slot], x2[picked], args, kwargs).to(y2.dtype)
+            if self.copies[slot] is not None:
+                y2[picked] = self._run_copy(self.copies[slot], x2[picked], args, kwargs).to(y2.dtype)
+                continue
+            ids, rows = self.columns[slot]
+            logits = x2[picked].to(rows.dtype) @ rows.T  # [n, k]
+            if getattr(self.original, "bias", None) is not None:
+                logits = logits + self.original.bias[ids]
+            y2[picked.unsqueeze(1), ids.unsqueeze(0)] = logits.to(y2.dtype)
         return y
 
     def _run_copy(self, params: dict, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

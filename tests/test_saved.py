@@ -56,6 +56,8 @@ def case(tmp_path_factory):
                 base, kinds = tied_llama(), specs("llama")
                 kinds["tied_both"] = dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                           ensure_weight_tying=True, seed=7)
+                kinds["tied_tokens"] = dict(r=2, lora_alpha=4, target_modules=["v_proj"], seed=8,
+                                            trainable_token_indices=list(range(4, 120, 3)))
             else:
                 base = toy.tiny_model(arch, hidden_size=32 if arch in toy.MOE_ARCHITECTURES else 64)
                 kinds = specs(arch)
@@ -79,8 +81,22 @@ def test_mixed_forward_equals_peft_alone(case, arch):
 
 def test_tied_embeddings(case):
     """A copy of a tied lm_head or embedding unties only that adapter's rows (PEFT's default); with
-    `ensure_weight_tying` PEFT saves and ties both copies."""
-    case("tied").check_mixed_forward(["head", "embed", None, "tied_both", "both", "plain"])
+    `ensure_weight_tying` PEFT saves and ties both copies. Trainable tokens change both embeddings' rows
+    of those ids."""
+    case("tied").check_mixed_forward(["head", "tied_tokens", "embed", None, "tied_both", "both", "plain",
+                                      "tied_tokens"])
+
+
+def test_tied_trainable_tokens_in_generate_and_continuous_batching(case):
+    tied = case("tied")
+    prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42], [8, 10], [70, 3, 19, 4]]
+    tied.check_generate(["tied_tokens", None, "head", "tied_tokens", "plain"], prompts)
+    tied.check_generate_batch(["tied_tokens", None, "head", "tied_tokens", "plain"], prompts, max_loras=2)
+    model = multilora_plugin.wrap(tied.fresh(), max_loras=1)
+    info = model.load_adapter("tied_tokens", tied.paths["tied_tokens"])  # the rows count once, for both
+    v_in, v_out = model._modules_info.wrapped["model.layers.0.self_attn.v_proj"]
+    rows = len(range(4, 120, 3))
+    assert info.num_bytes == model.config.num_hidden_layers * 2 * (v_in + v_out) * 4 + rows * (64 * 4 + 8)
 
 
 def test_with_moe_adapters(case):

@@ -65,7 +65,8 @@ class AdapterWeights:
 
     @cached_property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.modules.values() for t in w.tensors)
+        held = {id(t): t for w in self.modules.values() for t in w.tensors}  # tied targets share tensors
+        return sum(t.numel() * t.element_size() for t in held.values())
 
     @property
     def rank(self) -> int:
@@ -73,8 +74,14 @@ class AdapterWeights:
 
     def pin_memory(self) -> "AdapterWeights":
         """A copy in page-locked memory, so copies into CUDA slots can be asynchronous."""
+        pinned_once: dict = {}  # tied targets share tensors: pinned once
+
         def pin(t):
-            return None if t is None else t.pin_memory()
+            if t is None:
+                return None
+            if id(t) not in pinned_once:
+                pinned_once[id(t)] = t.pin_memory()
+            return pinned_once[id(t)]
 
         pinned = {n: ModuleWeights(pin(w.a), pin(w.b), {k: pin(t) for k, t in w.extra.items()})
                   for n, w in self.modules.items()}
@@ -264,9 +271,12 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
     if refused:
         raise IncompatibleAdapterError(f"adapter at {path!r} holds {_EXTRA[refused[0]]} for {module!r}, which is "
                                        f"{kind}: that is not served there")
-    if "tokens" in pair and model.tied_embeddings:
-        raise IncompatibleAdapterError(f"adapter at {path!r} holds trainable tokens for {module!r}, but this model ties "
-                                       "its input and output embeddings, which is not served yet")
+    if "tokens" in pair and model.tied_embeddings and (module != model.input_embedding
+                                                       or model.output_embedding not in model.saved):
+        raise IncompatibleAdapterError(
+            f"adapter at {path!r} holds trainable tokens for {module!r}, and this model ties its input and output "
+            f"embeddings, so they change the output embedding {model.output_embedding!r} too: wrap with "
+            f"modules_to_save including {model.output_embedding!r} (as 'auto' does)")
     if "tokens" in pair and ("a" in pair or "b" in pair):
         raise IncompatibleAdapterError(f"adapter at {path!r} holds both LoRA and trainable tokens for {module!r}")
     if "tokens" in pair:
@@ -403,8 +413,14 @@ def read_adapter(name: str, path: str, model: ModelModules, config: Optional[Lor
         _check_module(path, module, pairs[module], model, config)
         if "tokens" in pairs[module]:  # trainable tokens: new rows, no LoRA pair
             values = pairs[module]["tokens"].to(model.dtype or pairs[module]["tokens"].dtype).contiguous()
-            modules[module] = ModuleWeights(None, None, {"token_indices": torch.tensor(pairs[module]["indices"]),
-                                                         "token_values": values})
+            tokens = {"token_indices": torch.tensor(pairs[module]["indices"]), "token_values": values}
+            modules[module] = ModuleWeights(None, None, tokens)
+            if model.tied_embeddings:  # the same rows of the tied output embedding (as PEFT ties them)
+                tied = model.output_embedding + SUFFIX
+                if tied in pairs:
+                    raise IncompatibleAdapterError(f"adapter at {path!r} holds both trainable tokens of the tied "
+                                                   f"embeddings and a trained copy of {model.output_embedding!r}")
+                modules[tied] = ModuleWeights(None, None, tokens)
             continue
         a, b = pairs[module]["a"], pairs[module]["b"]
         num = model.wrapped[module][0] if len(model.wrapped[module]) == 3 else None
