@@ -32,6 +32,7 @@ def specs(arch: str) -> dict:
     common = dict(fan_in_fan_out=arch == "gpt2")
     return {
         "emb": dict(r=8, lora_alpha=16, target_modules=[attn[0], embedding], seed=5, **common),
+        "emb_dora": dict(r=4, lora_alpha=8, target_modules=[attn[-1], embedding], use_dora=True, seed=8, **common),
         "tokens": dict(r=4, lora_alpha=8, target_modules=list(attn[-1:]), trainable_token_indices=TOKENS, seed=6,
                        **common),
         "tokens_dict": dict(r=2, lora_alpha=4, target_modules=list(attn[:1]),
@@ -63,7 +64,7 @@ def case(tmp_path_factory):
     return get
 
 
-ROWS = ["dora", None, "bias", "emb", "tokens", "dora_rs", "plain", "tokens_dict", "dora"]
+ROWS = ["dora", None, "bias", "emb", "tokens", "dora_rs", "plain", "tokens_dict", "emb_dora", "dora"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "opt"])
@@ -97,11 +98,11 @@ def test_dora_is_not_plain_lora(case, tmp_path):
 
 def test_generate(case):
     prompts = [[5, 9, 22, 7], [11, 12], [40, 41, 42, 43, 44], [8, 9, 10], [70, 3, 19], [13, 16], [10, 22, 7]]
-    case("gpt2").check_generate(["dora", None, "bias", "dora_rs", "emb", "tokens", "tokens_dict"], prompts)
+    case("gpt2").check_generate(["dora", None, "bias", "dora_rs", "emb", "tokens", "emb_dora"], prompts)
 
 
 def test_llm_generate_with_fewer_slots_than_adapters_dora_and_moe_among_them(case):
-    names = ["dora", "moe", "bias", None, "emb", "dora_rs", "tokens", "plain"]
+    names = ["dora", "moe", "bias", None, "emb", "dora_rs", "tokens", "plain", "emb_dora"]
     requests = [([5 + i, 9, 22 + i, 7][: 2 + i % 3], names[i % len(names)]) for i in range(16)]
     case("mixtral").check_llm(requests, max_loras=2)
 

@@ -262,7 +262,7 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
         raise IncompatibleAdapterError(f"adapter at {path!r} targets {module!r}, but {why}")
     extra = sorted(set(pair) - {"a", "b", "indices"})
     if module in model.embeddings:
-        kind, allowed = "an embedding", {"tokens"}
+        kind, allowed = "an embedding", {"tokens", "m"}
     elif len(model.wrapped[module]) == 3 or module in model.pattern_keys:
         kind, allowed = "MoE experts or a router", set()
     else:
