@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -162,3 +164,31 @@ def test_a_bad_model_or_adapter_path_is_one_line(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("multilora serve:")
+        assert str(tmp_path / "missing") in done.stderr and "Repo id" not in done.stderr
+
+
+@pytest.mark.parametrize("model,words", [
+    ("/nonexistent", "the path '/nonexistent' does not exist"),
+    ("./missing/model", "the path './missing/model' does not exist"),
+    ("~/missing", "the path '~/missing' does not exist"),
+    ("a/b/c", "the path 'a/b/c' does not exist"),
+])
+def test_a_model_path_that_is_not_there_is_named(model, words):
+    from multilora_plugin.errors import ConfigError
+    from multilora_plugin.integrations.engine_args import EngineArgs
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        EngineArgs(model=model)
+    with pytest.raises(ConfigError, match="`tokenizer` should be"):
+        EngineArgs(model="org/name", tokenizer=model)
+
+
+def test_hub_ids_and_directories_are_left_to_transformers(tmp_path):
+    from multilora_plugin.errors import ConfigError
+    from multilora_plugin.integrations.engine_args import EngineArgs
+
+    for model in ("org/name", "gpt2", str(tmp_path)):
+        EngineArgs(model=model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        EngineArgs(model=str(tmp_path / "file"))

@@ -182,5 +182,6 @@ def test_when_the_engine_process_dies_requests_get_503(kit):
 
 
 def test_a_bad_model_is_raised_by_the_constructor(tmp_path):
+    (tmp_path / "empty").mkdir()  # a directory, so the engine process itself tries to load it
     with pytest.raises((OSError, ValueError, UnavailableError)):
-        EngineProcess(EngineArgs(model=str(tmp_path / "missing")))
+        EngineProcess(EngineArgs(model=str(tmp_path / "empty")))

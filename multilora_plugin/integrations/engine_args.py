@@ -29,6 +29,15 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_model_path(what: str, value: str) -> None:
+    """Raise `ConfigError` naming `value` when it is meant as a local directory (absolute, relative
+    with "./" or "~", or with more than one "/") and is not one; "org/name" is left to the hub."""
+    local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") > 1
+    path = os.path.expanduser(value)
+    if local and not os.path.isdir(path):
+        found = "is a file" if os.path.exists(path) else "does not exist"
+        raise ConfigError(f"`{what}` should be a model directory or a hub id, but the path {value!r} {found}")
+
 @dataclass
 class EngineArgs:
     model: Optional[str] = None  # a transformers model directory or hub id; None: the demo's tiny Llama
@@ -61,6 +70,9 @@ class EngineArgs:
         if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and k for k in self.adapters):
             raise ConfigError(f"`adapters` should map adapter names to directories, but got {self.adapters!r}")
         self.adapters = {name: os.fspath(path) for name, path in self.adapters.items()}
+        for what, value in (("model", self.model), ("tokenizer", self.tokenizer)):
+            if value is not None:
+                check_model_path(what, value)
 
     @property
     def model_name(self) -> str:
