@@ -72,12 +72,11 @@ class MultiLoRAConfig:
         else:
             self.target_modules = tuple(target)
         saved = self.modules_to_save
-        if isinstance(saved, str) and saved != AUTO or not isinstance(saved, (str, type(None), list, tuple)) or (
-                isinstance(saved, (list, tuple)) and not all(isinstance(t, str) and t for t in saved)):
+        if isinstance(saved, (list, tuple)) and all(isinstance(t, str) and t for t in saved):
+            self.modules_to_save = tuple(saved)
+        elif not (saved is None or saved == AUTO):
             raise ConfigError(f"`modules_to_save` should be {AUTO!r}, a list of module names or None, "
                               f"but got {saved!r}")
-        if isinstance(saved, (list, tuple)):
-            self.modules_to_save = tuple(saved)
 
     def targets(self, name: str, is_output_embedding: bool) -> bool:
         """Whether the linear module called `name` is patched."""

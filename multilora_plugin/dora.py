@@ -46,8 +46,14 @@ def base_weight(base_layer: nn.Module, in_features: int, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
+def gain(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """g = magnitude / ||W + b @ a||_row, [out] in fp32. `weight` [out, in], `a` [r, in], `b` [out, r]
+    (scaling folded in), all on one device."""
+    merged = weight.float() + b.float() @ a.float()
+    return magnitude.to(merged.device).float() / torch.linalg.norm(merged, dim=1)
+
+
+@torch.no_grad()
 def magnitude_gain(base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """g = magnitude / ||W + b @ a||_row, [out] in fp32. `a` [r, in], `b` [out, r] (scaling folded in),
-    on the base layer's device."""
-    merged = base_weight(base_layer, a.shape[1], a.dtype) + b.float() @ a.float()
-    return magnitude.float() / torch.linalg.norm(merged, dim=1)
+    """`gain` with the weight the base layer's forward applies."""
+    return gain(base_weight(base_layer, a.shape[1], a.dtype), a, b, magnitude)

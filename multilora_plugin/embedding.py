@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dora import gain
 from .mapping import ForwardContext
 
 
@@ -72,12 +73,10 @@ class MultiLoRAEmbedding(nn.Module):
             self.row_gain = self.row_gain.new_zeros(self.row_gain.shape[0], self.embedding_dim)
         if self.row_gain.shape[1]:
             self.row_gain[slot].zero_()
-        if dora:
-            a_rows, b_rows = self.lora_a[slot, :, :rank].T.float(), self.lora_b[slot, :, :rank].float()
-            merged = self.base_layer.weight.T.float() + b_rows @ a_rows  # [dim, vocab]
-            gain = magnitude.to(merged.device).float() / torch.linalg.norm(merged, dim=1)  # [dim]
-            self.lora_b[slot, :, :rank].mul_(gain.unsqueeze(1).to(self.lora_b.dtype))
-            self.row_gain[slot].copy_(gain - 1)
+        if dora:  # the embedding as a linear map vocab -> dim: W^T [dim, vocab]
+            g = gain(self.base_layer.weight.T, self.lora_a[slot, :, :rank].T, self.lora_b[slot, :, :rank], magnitude)
+            self.lora_b[slot, :, :rank].mul_(g.unsqueeze(1).to(self.lora_b.dtype))
+            self.row_gain[slot].copy_(g - 1)
         self.host_dora[slot] = dora
         device = self.lora_a.device
         self.token_rows[slot] = None if token_indices is None else (

@@ -135,11 +135,9 @@ class MultiLoRAModel(nn.Module):
         # the modules whose per-adapter copies are served wrap whatever is there now (a LoRA layer or not)
         self._saved = {}
         for name, original in copies.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            self._saved[name] = MultiLoRASaved(getattr(parent, child), original, config.max_loras, self._context,
+            self._saved[name] = MultiLoRASaved(model.get_submodule(name), original, config.max_loras, self._context,
                                                head=name == self._output_embedding)
-            setattr(parent, child, self._saved[name])
+            model.set_submodule(name, self._saved[name])
         # what slots are written into: {target name: layer}, an experts module's projections by parameter
         # name, a module's copies by its name + ".modules_to_save"
         self._targets = {}
@@ -402,8 +400,7 @@ class MultiLoRAModel(nn.Module):
         for handle in self._hooks:
             handle.remove()
         for name, layer in [*self._saved.items(), *self._layers.items()]:  # copies wrap the LoRA layers
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+            model.set_submodule(name, layer.base_layer)
         self._layers, self._targets, self._saved = {}, {}, {}
         self._cache.close()
         for name in self._cache.names():

@@ -103,11 +103,10 @@ def _save_adapters(peft_model: PeftModel, names: list, root: str) -> dict:
 def _restore_saved_modules(peft_model: PeftModel) -> None:
     """Put each module that adapters hold copies of (`modules_to_save`) back in place of PEFT's
     wrapper: `unload()` would leave the active adapter's copy there instead."""
-    for name, module in list(peft_model.get_base_model().named_modules()):
+    base = peft_model.get_base_model()
+    for name, module in list(base.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            base = peft_model.get_base_model()
-            setattr(base.get_submodule(parent_name) if parent_name else base, child, module.original_module)
+            base.set_submodule(name, module.original_module)
 
 
 def _peft_base(module: nn.Module) -> nn.Module:

@@ -41,8 +41,8 @@ def per_token(module: nn.Module) -> bool:
 
 def copied_modules(model: nn.Module, choice, input_embedding: Optional[str], output_embedding: Optional[str],
                    resolve: Callable[[nn.Module], nn.Module] = lambda m: m) -> dict:
-    """{name: module} of the modules whose per-adapter copies are served, as `MultiLoRAConfig.copies`
-    chooses them: "auto" (the input and output embeddings and a classification head, where they work
+    """{name: module} of the modules whose per-adapter copies are served, as
+    `MultiLoRAConfig.modules_to_save` chooses them: "auto" (the input and output embeddings and a classification head, where they work
     token by token), names or suffixes (PEFT's rule), or none. `resolve` gives the module that a
     name stands for (a PEFT wrapper's base module)."""
     if not choice:
@@ -96,10 +96,11 @@ class MultiLoRASaved(nn.Module):
         empties it. A copy holds no LoRA pair (`a`, `b` are None)."""
         if a is not None or b is not None:
             raise ValueError("a module copy holds no LoRA pair")
-        weight = self.original.weight
-        self.columns[slot] = None if token_indices is None else (
-            token_indices.to(weight.device, torch.int64, non_blocking=non_blocking),
-            token_values.to(weight.device, weight.dtype, non_blocking=non_blocking))
+        self.columns[slot] = None
+        if token_indices is not None:
+            weight = self.original.weight
+            self.columns[slot] = (token_indices.to(weight.device, torch.int64, non_blocking=non_blocking),
+                                  token_values.to(weight.device, weight.dtype, non_blocking=non_blocking))
         own = {n: self.original.get_parameter(n) for n in params}
         self.copies[slot] = {n: t.to(own[n].device, own[n].dtype, non_blocking=non_blocking)
                              for n, t in params.items()} or None

@@ -38,6 +38,7 @@ def check_model_path(what: str, value: str) -> None:
         found = "is a file" if os.path.exists(path) else "does not exist"
         raise ConfigError(f"`{what}` should be a model directory or a hub id, but the path {value!r} {found}")
 
+
 @dataclass
 class EngineArgs:
     model: Optional[str] = None  # a transformers model directory or hub id; None: the demo's tiny Llama
