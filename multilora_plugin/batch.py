@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -32,15 +32,19 @@ def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_arg(model_class: type) -> str:
-    """The name the model's forward takes its KV cache by: `cache` (transformers 5.2x on), else the
-    older `past_key_values` (deprecated in 5.24, removed in 5.40)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def _takes(model_class: type, name: str) -> bool:
+    return name in inspect.signature(model_class.forward).parameters
 
 
 def with_cache(model, cache: DynamicCache) -> dict:
-    """The forward keyword argument that hands `model` (wrapped or not) its KV cache."""
-    return {_cache_arg(type(getattr(model, "hf_model", model))): cache}
+    """The forward keyword argument that hands `model` (wrapped or not) its KV cache: `cache`
+    (transformers 5.2x on), else the older `past_key_values` (deprecated in 5.24, removed in 5.40)."""
+    return {"cache" if _takes(type(getattr(model, "hf_model", model)), "cache") else "past_key_values": cache}
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward (wrapped or not) can compute the logits of its last positions only."""
+    return _takes(type(getattr(model, "hf_model", model)), "logits_to_keep")
 
 
 def _cache_from(layers: Sequence[tuple]) -> DynamicCache:
@@ -71,9 +75,17 @@ class Batch:
             )
 
     @classmethod
-    def prefill(cls, model, token_ids: Sequence[Sequence[int]], mapping: BatchMapping):
+    def prefill(cls, model, token_ids: Sequence[Sequence[int]], mapping: BatchMapping, *,
+                max_tokens: Optional[int] = None, every_position: Sequence[int] = (),
+                consume: Optional[Callable[[int, int, torch.Tensor], None]] = None):
         """Run the prompts (left-padded) through `model`, row i with `mapping`'s slot for row i;
-        returns (batch, last-position logits [B, V])."""
+        returns (batch, last-position logits [B, V]).
+
+        The forward runs in chunks of columns of at most `max_tokens` tokens in all (rows × columns),
+        each chunk attending to the KV of those before it. For the rows in `every_position`, the
+        logits of every real position go to `consume(row, first, logits [n, V])`, chunk by chunk
+        (`first`: the position in that row's tokens of the first of the n); for the other rows only
+        the last position's logits are computed when the model can keep that few."""
         width = max(len(t) for t in token_ids)
         device = model.device
         ids = torch.zeros(len(token_ids), width, dtype=torch.long, device=device)
@@ -81,9 +93,18 @@ class Batch:
         for row, tokens in enumerate(token_ids):
             ids[row, width - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
             mask[row, width - len(tokens):] = 1
-        cache = DynamicCache()  # filled in place by the forward
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask, width),
-                    use_cache=True, lora_mapping=mapping, **with_cache(model, cache))
+        cache = DynamicCache()  # filled in place by the forward, chunk after chunk
+        step = width if max_tokens is None else max(1, max_tokens // len(token_ids))
+        last_only = {} if every_position or not _keeps_logits(model) else {"logits_to_keep": 1}
+        for start in range(0, width, step):
+            end = min(width, start + step)
+            out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                        position_ids=_positions(mask[:, :end], end - start), use_cache=True,
+                        lora_mapping=mapping, **with_cache(model, cache), **last_only)
+            for row in every_position:
+                pad = width - len(token_ids[row])  # the row's first real column
+                if end > pad:
+                    consume(row, max(start, pad) - pad, out.logits[row, max(start, pad) - start:])
         return cls(mask, cache), out.logits[:, -1]
 
     def decode(self, model, tokens: Sequence[int], mapping: BatchMapping) -> torch.Tensor:

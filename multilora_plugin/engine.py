@@ -32,13 +32,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from . import intake
-from .adapters import Hold
 from .batch import Batch
 from .detokenize import OutputText
 from .errors import CapacityError, ConfigError, InvalidRequestError, MultiLoRAError
@@ -49,54 +48,13 @@ from .outputs import (
     CompletionOutput,
     EngineRequest,
     EngineStats,
-    LoRARequest,
     RequestMetrics,
     RequestOutput,
     StepStats,
 )
 from .sampling import SamplingParams, logprobs, sample
 from .scheduler import Request, Scheduler, SchedulerConfig
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """A request inside the engine: the scheduler's view of it, the request as plugins left it
-    (`info`), and what generating it needs."""
-
-    request: Request  # what the scheduler knows of it
-    info: EngineRequest
-    lora_request: Optional[LoRARequest]  # the adapter it runs with, as resolved
-    generator: Optional[torch.Generator]
-    text: OutputText
-    metrics: RequestMetrics
-    output_ids: List[int] = field(default_factory=list)
-    logprobs: Optional[List[Dict[int, float]]] = None  # per output token, with SamplingParams(logprobs=k)
-    sent_tokens: int = 0  # tokens already reported
-    hold: Optional[Hold] = None  # its adapter's content in a slot, while it holds one
-    finish_reason: Optional[str] = None
-    stop_reason: Union[str, int, None] = None
-    error: Optional[Exception] = None
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def adapter(self) -> Optional[str]:
-        return self.request.adapter
-
-    @property
-    def slot(self) -> int:
-        """The slot its adapter's content is held in; -1 for the base model."""
-        return -1 if self.hold is None else self.hold.slots[self.request.adapter]
-
-    @property
-    def prompt_ids(self) -> List[int]:
-        return self.info.prompt_token_ids
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.info.sampling_params
+from .sequence import EngineSequence
 
 
 class Engine:
@@ -138,12 +96,12 @@ class Engine:
         self.eos_token_ids = intake.eos_token_ids(model, tokenizer)
         self._device = model.device
         self._lock = threading.RLock()
-        self._requests: Dict[str, _Sequence] = {}  # unfinished, by id
-        self._rows: List[_Sequence] = []  # the running batch's rows, in order
+        self._requests: Dict[str, EngineSequence] = {}  # unfinished, by id
+        self._rows: List[EngineSequence] = []  # the running batch's rows, in order
         self._batch: Optional[Batch] = None
         self._row_mapping: Optional[BatchMapping] = None  # the slots of `_rows`, reused while they stay
         self._pending: List[RequestOutput] = []  # outputs of aborts, reported by the next step
-        self._ended: Dict[str, _Sequence] = {}  # requests that ended since the last step reported them
+        self._ended: Dict[str, EngineSequence] = {}  # requests that ended since the last step reported them
         self.plugins = Plugins(plugins, load_entrypoints=load_entrypoints)
         if adapter_dir is not None:
             self.plugins.register(AdapterDirectory(adapter_dir), name="adapter_dir")
@@ -182,11 +140,7 @@ class Engine:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError(f"`priority` should be an int, but got {priority!r}")
         text, ids = intake.prompt_tokens(request_id, prompt, prompt_token_ids, self.tokenizer, self.vocab_size)
-        if self.max_model_len is not None and len(ids) + params.max_new_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"request {request_id!r}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"should fit the model's {self.max_model_len} positions"
-            )
+        intake.check_length(request_id, len(ids), params, self.max_model_len)
         if metadata is not None and not isinstance(metadata, Mapping):
             raise InvalidRequestError(f"`metadata` should be a mapping, but got {type(metadata).__name__}")
         lora = intake.lora_request(lora_request)
@@ -201,7 +155,7 @@ class Engine:
             request = Request(request_id=request_id, adapter=None if lora is None else lora.lora_name,
                               num_prompt_tokens=len(ids), max_new_tokens=params.max_new_tokens,
                               priority=info.priority)
-            seq = _Sequence(request=request, info=info, lora_request=lora, generator=params.generator(self._device),
+            seq = EngineSequence(request=request, info=info, lora_request=lora, generator=params.generator(self._device),
                             text=OutputText(self.tokenizer, ids, params.stop),
                             metrics=RequestMetrics(arrival_time=time.perf_counter()))
             self.scheduler.add(request)
@@ -257,6 +211,7 @@ class Engine:
                     logits.append(decode_logits)
             if admitted:
                 new, admitted, prefill_logits = self._prefill(admitted, outputs)
+                new, admitted, prefill_logits = self._end_scored(new, admitted, prefill_logits, outputs)
                 if new is not None:
                     logits.append(prefill_logits)
             rows = self._rows + admitted
@@ -290,7 +245,7 @@ class Engine:
             except MultiLoRAError:  # unloaded meanwhile: its requests fail at the next schedule
                 pass
 
-    def _hold(self, admitted: List[_Sequence], outputs: List[RequestOutput]) -> List[_Sequence]:
+    def _hold(self, admitted: List[EngineSequence], outputs: List[RequestOutput]) -> List[EngineSequence]:
         """Hold each admitted request's adapter in a slot. A request whose adapter cannot be read
         fails alone; one that cannot get a slot now (pinned slots) goes back to waiting."""
         held, bad = [], {}
@@ -312,7 +267,7 @@ class Engine:
             outputs.append(self._finish(seq, "error", exc))
         return held
 
-    def _let_go(self, seq: _Sequence) -> None:
+    def _let_go(self, seq: EngineSequence) -> None:
         """Release the request's hold on its adapter's slot, if it has one."""
         hold, seq.hold = seq.hold, None
         if hold is not None:
@@ -331,12 +286,27 @@ class Engine:
             _raise_if_bug(exc)
             return None
 
-    def _prefill(self, admitted: List[_Sequence], outputs: List[RequestOutput]) -> tuple:
-        """Prefill prompt + tokens so far. If the batch fails, each request is tried alone and only
-        those that fail alone are failed. Returns (batch, its requests, logits)."""
+    def _prefill(self, admitted: List[EngineSequence], outputs: List[RequestOutput]) -> tuple:
+        """Prefill each request's `forward_ids`, in chunks within the prefill budget, scoring the prompts
+        that ask for it on the way. If the batch fails, each request is tried alone and only those that
+        fail alone are failed. Returns (batch, its requests, logits)."""
         mapping = BatchMapping(tuple(s.slot for s in admitted), self.num_slots)
+        scored = [i for i, s in enumerate(admitted) if s.params.prompt_logprobs is not None and s.prompt_logprobs is None]
+        found: Dict[int, list] = {i: [] for i in scored}
+
+        def consume(row: int, first: int, row_logits: torch.Tensor) -> None:
+            prompt = admitted[row].prompt_ids
+            n = min(len(row_logits), len(prompt) - 1 - first)  # positions whose next token is in the prompt
+            if n > 0:
+                found[row] += logprobs(row_logits[:n], prompt[first + 1:first + 1 + n],
+                                       [admitted[row].params.prompt_logprobs] * n)
+
         try:
-            batch, logits = Batch.prefill(self.model, [s.prompt_ids + s.output_ids for s in admitted], mapping)
+            batch, logits = Batch.prefill(self.model, [s.forward_ids for s in admitted], mapping,
+                                          max_tokens=self.scheduler.config.max_num_batched_tokens,
+                                          every_position=scored, consume=consume)
+            for i in scored:
+                admitted[i].prompt_logprobs = found[i]
             return batch, admitted, logits
         except Exception as exc:  # noqa: BLE001 - find the culprit below
             if len(admitted) == 1:
@@ -350,8 +320,20 @@ class Engine:
         return (Batch.concatenate([p[0] for p in parts]), [p[1][0] for p in parts],
                 torch.cat([p[2] for p in parts]))
 
+    def _end_scored(self, batch: Optional[Batch], admitted: List[EngineSequence], logits, outputs) -> tuple:
+        """Requests that only score their prompt end at their prefill; the others go on."""
+        if batch is None or not any(s.scores_only for s in admitted):
+            return batch, admitted, logits
+        for seq in admitted:
+            if seq.scores_only:
+                outputs.append(self._finish(seq, "length"))
+        stay = [i for i, s in enumerate(admitted) if not s.scores_only]
+        if not stay:
+            return None, [], None
+        return batch.filter(stay), [admitted[i] for i in stay], logits[stay]
+
     @staticmethod
-    def _logprobs(rows: List[_Sequence], logits: torch.Tensor, tokens: List[int]) -> None:
+    def _logprobs(rows: List[EngineSequence], logits: torch.Tensor, tokens: List[int]) -> None:
         want = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
         if not want:
             return
@@ -363,7 +345,7 @@ class Engine:
                 rows[i].logprobs = []
             rows[i].logprobs.append(entry)
 
-    def _append(self, seq: _Sequence, token: int, now: float) -> None:
+    def _append(self, seq: EngineSequence, token: int, now: float) -> None:
         seq.output_ids.append(token)
         self.scheduler.record_tokens(seq.request_id, 1)
         seq.metrics.token_at(now)
@@ -380,7 +362,7 @@ class Engine:
         elif self.max_model_len is not None and seq.request.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _output(self, seq: _Sequence) -> RequestOutput:
+    def _output(self, seq: EngineSequence) -> RequestOutput:
         """The request's output now, with what is new since the last one."""
         text, delta = seq.text.report(seq.finish_reason is not None)
         completion = CompletionOutput(
@@ -391,13 +373,14 @@ class Engine:
             completion.logprobs = list(seq.logprobs or ())
             completion.cumulative_logprob = sum(entry[t] for entry, t in zip(completion.logprobs, seq.output_ids))
         seq.sent_tokens = len(seq.output_ids)
+        scored = None if seq.prompt_logprobs is None else [None, *seq.prompt_logprobs]
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.info.prompt, prompt_token_ids=list(seq.prompt_ids),
             outputs=[completion], finished=seq.finish_reason is not None, lora_request=seq.lora_request,
-            metrics=seq.metrics, error=seq.error,
+            metrics=seq.metrics, error=seq.error, prompt_logprobs=scored,
         )
 
-    def _finish(self, seq: _Sequence, reason: str, error: Optional[Exception] = None) -> RequestOutput:
+    def _finish(self, seq: EngineSequence, reason: str, error: Optional[Exception] = None) -> RequestOutput:
         """End a request (done, aborted or failed): out of the scheduler, its hold released; returns
         its last output. Its KV rows are the caller's to drop."""
         seq.finish_reason, seq.error = reason, error
@@ -409,12 +392,12 @@ class Engine:
         return self._output(seq)
 
     # the running batch ----------------------------------------------------------------------------
-    def _remove_rows(self, gone: Sequence[_Sequence]) -> None:
+    def _remove_rows(self, gone: Sequence[EngineSequence]) -> None:
         keep = [i for i, s in enumerate(self._rows) if s not in gone]
         self._batch = self._batch.filter(keep) if self._batch is not None else None
         self._rows = [self._rows[i] for i in keep]
 
-    def _rebatch(self, new: Optional[Batch], admitted: List[_Sequence]) -> None:
+    def _rebatch(self, new: Optional[Batch], admitted: List[EngineSequence]) -> None:
         """Drop finished rows and add the prefilled ones that go on."""
         keep = [i for i, s in enumerate(self._rows) if s.finish_reason is None]
         batch = self._batch.filter(keep) if self._batch is not None and len(keep) < len(self._rows) else self._batch

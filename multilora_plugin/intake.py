@@ -29,6 +29,21 @@ def sampling_params(params) -> SamplingParams:
     return params
 
 
+def check_length(request_id: str, num_prompt_tokens: int, params: SamplingParams, max_model_len: Optional[int]) -> None:
+    """A request that only scores its prompt (max_new_tokens=0) needs two prompt tokens, the first
+    to predict from, and no position for its last one; one that generates needs every prompt and
+    output token to fit the model's positions."""
+    if params.max_new_tokens == 0 and num_prompt_tokens < 2:
+        raise InvalidRequestError(f"request {request_id!r}: with max_new_tokens=0 the prompt is only scored, "
+                                  f"so it should have at least 2 tokens, but has {num_prompt_tokens}")
+    positions = num_prompt_tokens - 1 if params.max_new_tokens == 0 else num_prompt_tokens + params.max_new_tokens
+    if max_model_len is not None and positions > max_model_len:
+        raise InvalidRequestError(
+            f"request {request_id!r}: prompt ({num_prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) "
+            f"should fit the model's {max_model_len} positions"
+        )
+
+
 def prompt_tokens(request_id: str, prompt, prompt_token_ids, tokenizer, vocab_size: Optional[int]) -> tuple:
     """(text or None, token ids) of a prompt given as text (needs `tokenizer`), as token ids, or as
     both (the text and the ids a host made of it)."""

@@ -83,6 +83,9 @@ class RequestOutput:
     lora_request: Optional[LoRARequest] = None
     metrics: Optional[RequestMetrics] = None
     error: Optional[Exception] = None  # why it failed (finish_reason "error")
+    # with SamplingParams(prompt_logprobs=k): per prompt token, {token id: log-probability given the
+    # tokens before it}, the prompt's token first, then the top k; None for the first token
+    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
 
 
 @dataclass

@@ -45,7 +45,7 @@ class SamplingParams:
     """How one request picks its tokens. `temperature=0` is greedy; 0 / 1.0 / 0.0 switch off
     `top_k` / `top_p` / `min_p`."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: int = 16  # 0: score the prompt only (with `prompt_logprobs`), generate nothing
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -56,10 +56,12 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # tokens that end the output, besides EOS
     ignore_eos: bool = False
     logprobs: Optional[int] = None  # report each token's log-probability and the top `logprobs` others
+    # report each prompt token's log-probability given the ones before it, and the top `prompt_logprobs`
+    prompt_logprobs: Optional[int] = None
     processors: LogitsProcessorList = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _number(self.max_new_tokens, "max_new_tokens", 1, integer=True)
+        _number(self.max_new_tokens, "max_new_tokens", 0, integer=True)
         _number(self.temperature, "temperature", 0)
         _number(self.top_k, "top_k", 0, integer=True)
         _number(self.top_p, "top_p", 0, 1, low_open=True)
@@ -75,8 +77,9 @@ class SamplingParams:
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError(f"`stop_token_ids` should be a list of token ids, but got {self.stop_token_ids!r}")
         self.stop_token_ids = tuple(self.stop_token_ids)
-        if self.logprobs is not None:
-            _number(self.logprobs, "logprobs", 0, 20, integer=True)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _number(getattr(self, name), name, 0, 20, integer=True)
         self.processors = self._build()
 
     @property

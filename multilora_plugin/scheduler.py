@@ -58,7 +58,7 @@ class SchedulerConfig:
 
     max_loras:              distinct adapters resident at once (slots); base-model requests need none
     max_num_seqs:           requests running at once
-    max_num_batched_tokens: prompt tokens prefilled in one step (one request longer than this is refused)
+    max_num_batched_tokens: prompt tokens prefilled in one step (a longer request is prefilled alone, in chunks)
     max_total_tokens:       KV budget, in tokens held by running requests (prompt + generated)
     policy:                 one of POLICIES
     max_wait_steps:         steps a request may wait before no newer request may pass it
@@ -177,14 +177,9 @@ class Scheduler:
         if request.num_prompt_tokens < 1:
             raise InvalidRequestError(f"request {request.request_id!r}: the prompt should have at least one "
                                       f"token, but has {request.num_prompt_tokens}")
-        if request.max_new_tokens < 1:
-            raise InvalidRequestError(f"request {request.request_id!r}: `max_new_tokens` should be >= 1, "
+        if request.max_new_tokens < 0:
+            raise InvalidRequestError(f"request {request.request_id!r}: `max_new_tokens` should be >= 0, "
                                       f"but got {request.max_new_tokens}")
-        if request.num_prompt_tokens > c.max_num_batched_tokens:
-            raise InvalidRequestError(
-                f"request {request.request_id!r}: its prompt has {request.num_prompt_tokens} tokens, more than "
-                f"max_num_batched_tokens={c.max_num_batched_tokens} can prefill in one step"
-            )
         if request.num_prompt_tokens + request.max_new_tokens > c.max_total_tokens:
             raise InvalidRequestError(
                 f"request {request.request_id!r}: prompt ({request.num_prompt_tokens}) + max_new_tokens "

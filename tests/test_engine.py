@@ -209,8 +209,10 @@ def test_bad_requests_are_refused_alone(kit):
         (dict(request_id="e", prompt_token_ids=[5, VOCAB]), InvalidRequestError, f"ints in 0..{VOCAB - 1}"),
         (dict(request_id="e", prompt_token_ids=[5], sampling_params=SamplingParams(max_new_tokens=600)),
          InvalidRequestError, "should fit the model's 512 positions"),
+        (dict(request_id="e", prompt_token_ids=[5], sampling_params={"max_new_tokens": -1}),
+         InvalidRequestError, "`max_new_tokens` should be an int >= 0, but got -1"),
         (dict(request_id="e", prompt_token_ids=[5], sampling_params={"max_new_tokens": 0}),
-         InvalidRequestError, "`max_new_tokens` should be an int >= 1, but got 0"),
+         InvalidRequestError, "with max_new_tokens=0 the prompt is only scored, so it should have at least 2"),
         (dict(request_id="e", prompt_token_ids=[5], sampling_params={"temprature": 1}), InvalidRequestError,
          "bad sampling parameters"),
         (dict(request_id="e", prompt_token_ids=[5], lora_request="missing"), AdapterNotFoundError,
@@ -400,10 +402,10 @@ def test_a_forward_that_raises_fails_only_the_requests_it_ran(kit, monkeypatch):
     real_prefill, real_decode = Batch.prefill, Batch.decode
     broken = {"decode": False}
 
-    def prefill(cls, model, token_ids, mapping):
+    def prefill(cls, model, token_ids, mapping, **kwargs):
         if any(99 in t for t in token_ids):
             raise RuntimeError("a kernel failed on token 99")
-        return real_prefill.__func__(cls, model, token_ids, mapping)
+        return real_prefill.__func__(cls, model, token_ids, mapping, **kwargs)
 
     def decode(self, model, tokens, mapping):
         if broken["decode"]:

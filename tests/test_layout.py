@@ -19,7 +19,7 @@ LAYERS = [  # a module may import modules of its own layer and of the layers abo
     {"version", "errors", "config"},
     {"mapping", "scheduler", "adapters", "kernels"},  # adapters/ and kernels/ import nothing above this
     {"dora", "layers", "experts", "router", "embedding", "saved", "model", "peft_model", "wrapping", "transformers_cb", "toy"},
-    {"batch", "sampling", "intake", "detokenize", "outputs", "hooks"},
+    {"batch", "sampling", "intake", "detokenize", "outputs", "sequence", "hooks"},
     {"engine", "llm", "async_engine"},
     {"integrations"},  # the hosts: imported by nothing below them
     {"cli", "demo", ""},  # "" is the package itself

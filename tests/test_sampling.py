@@ -17,7 +17,8 @@ def logits_rows(n, seed=0):
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(max_new_tokens=0), "`max_new_tokens` should be an int >= 1, but got 0"),
+    (dict(max_new_tokens=-1), "`max_new_tokens` should be an int >= 0, but got -1"),
+    (dict(prompt_logprobs=21), "`prompt_logprobs` should be an int >= 0 and <= 20, but got 21"),
     (dict(temperature=-0.5), "`temperature` should be a number >= 0, but got -0.5"),
     (dict(temperature=float("nan")), "`temperature` should be a number >= 0, but got nan"),
     (dict(top_k=-1), "`top_k` should be an int >= 0, but got -1"),

@@ -168,8 +168,7 @@ def test_unknown_adapter_fails_alone():
 
 @pytest.mark.parametrize("request_kwargs,words", [
     (dict(prompt=0), "the prompt should have at least one token, but has 0"),
-    (dict(new=0), "`max_new_tokens` should be >= 1, but got 0"),
-    (dict(prompt=20), "its prompt has 20 tokens, more than max_num_batched_tokens=16"),
+    (dict(new=-1), "`max_new_tokens` should be >= 0, but got -1"),
     (dict(prompt=10, new=30), "prompt (10) + max_new_tokens (30) should fit max_total_tokens=32"),
 ])
 def test_requests_that_can_never_run_are_refused(request_kwargs, words):
@@ -177,6 +176,16 @@ def test_requests_that_can_never_run_are_refused(request_kwargs, words):
     with pytest.raises(InvalidRequestError) as info:
         sched.add(req("x", "A", **request_kwargs))
     assert words in str(info.value) and not sched.has_unfinished()
+
+
+def test_a_prompt_longer_than_the_prefill_budget_is_admitted_alone():
+    """Its prefill runs in chunks within the budget: it takes a step's whole budget, nobody else's."""
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_total_tokens=64))
+    sched.add(req("short", "A", prompt=4))
+    sched.add(req("long", "A", prompt=20))
+    sched.add(req("after", "A", prompt=4))
+    assert ids(sched.schedule().prefill) == ["short", "after"]  # "long" does not fit what "short" left
+    assert ids(sched.schedule().prefill) == ["long"]
 
 
 def test_duplicate_id_and_bad_config():
