@@ -251,3 +251,43 @@ def make_adapters(model: nn.Module, root: Union[str, os.PathLike], names: Sequen
         paths[name] = os.path.join(os.fspath(root), name)
         peft_model.save_pretrained(paths[name])
     return paths
+
+
+def make_eval_tasks(root: Union[str, os.PathLike], *, docs: int = 12, seed: int = 0) -> str:
+    """Write three lm-eval tasks on local json data (no hub) under `root` and return it, for
+    `TaskManager(include_path=root)`: `toy_choice` (multiple_choice, acc), `toy_generate`
+    (generate_until, stopped at "the" or "and", exact_match) and `toy_rolling` (loglikelihood_rolling,
+    perplexities), all in words of `tiny_tokenizer`'s vocabulary."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    root = os.fspath(root)
+    os.makedirs(root, exist_ok=True)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+    data = {
+        "choice": [{"question": words(4, 9), "choices": [words(1, 3) for _ in range(4)], "answer": rng.randrange(4)}
+                   for _ in range(docs)],
+        "generate": [{"question": words(3, 8), "answer": words(1, 3)} for _ in range(docs)],
+        "rolling": [{"text": words(20, 60)} for _ in range(docs)],
+    }
+    specs = {
+        "choice": ("multiple_choice", 'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                   "doc_to_target: answer\nmetric_list:\n  - metric: acc\n"),
+        "generate": ("generate_until", 'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
+                     "generation_kwargs:\n  until: [\"the\", \"and\"]\n  max_gen_toks: 8\n  do_sample: false\n"
+                     "metric_list:\n  - metric: exact_match\n"),
+        "rolling": ("loglikelihood_rolling", 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+                    "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"),
+    }
+    for name, (output_type, rest) in specs.items():
+        path = os.path.join(root, f"{name}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(doc) + "\n" for doc in data[name])
+        with open(os.path.join(root, f"toy_{name}.yaml"), "w") as f:
+            f.write(f"task: toy_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(path)}\n"
+                    f"test_split: test\noutput_type: {output_type}\n{rest}")
+    return root

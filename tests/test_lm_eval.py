@@ -1,0 +1,121 @@
+"""lm-evaluation-harness on the engine, against lm-eval's own `hf` backend with `peft=PATH` per
+adapter: local json tasks of the three request kinds (multiple_choice, generate_until,
+loglikelihood_rolling), three adapters and the base model, every metric and every per-sample answer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from multilora_plugin import toy  # noqa: E402
+from multilora_plugin.errors import ConfigError  # noqa: E402
+from multilora_plugin.integrations.lm_eval import MultiLoRALM, evaluate_adapters  # noqa: E402
+
+TASKS = ["toy_choice", "toy_generate", "toy_rolling"]
+ADAPTERS = ("a", "b", "c")
+# max_length=16 makes the rolling documents (20-60 words) span several windows
+COMMON = dict(device="cpu", dtype="float32", max_length=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    base = toy.tiny_model("llama")
+    base.save_pretrained(root / "base")
+    toy.tiny_tokenizer().save_pretrained(root / "base")
+    paths = {name: toy.make_adapter(base, root / name, r=4, seed=i + 1) for i, name in enumerate(ADAPTERS)}
+    return str(root / "base"), paths, TaskManager(include_path=toy.make_eval_tasks(root / "tasks"))
+
+
+@pytest.fixture(scope="module")
+def oracle(setup):
+    """lm-eval's `hf` backend, one run per adapter (PEFT's model with that adapter alone)."""
+    base, paths, tasks = setup
+    runs = {}
+    for name in (*ADAPTERS, None):
+        args = f"pretrained={base},device=cpu,dtype=float32,max_length=16" + (f",peft={paths[name]}" if name else "")
+        runs[name] = simple_evaluate(model="hf", model_args=args, tasks=TASKS, task_manager=tasks, log_samples=True)
+    return runs
+
+
+def check_same(got: dict, want: dict) -> None:
+    """Every metric equal (perplexities to float rounding), every sample's answer the same: log-likelihoods
+    within 2e-3, greedy flags and generated texts identical."""
+    for task in TASKS:
+        for metric, value in want["results"][task].items():
+            other = got["results"][task][metric]
+            if isinstance(value, float) and ("perplexity" in metric or "bits_per_byte" in metric):
+                assert other == pytest.approx(value, rel=1e-5), (task, metric)
+            else:
+                assert other == value, (task, metric)
+        samples, expected = got["samples"][task], want["samples"][task]
+        assert [s["doc_id"] for s in samples] == [s["doc_id"] for s in expected]
+        for s, e in zip(samples, expected):
+            for mine, theirs in zip(s["resps"], e["resps"]):
+                if task == "toy_generate":
+                    assert mine == theirs, (task, s["doc_id"])
+                elif task == "toy_rolling":
+                    assert mine[0] == pytest.approx(theirs[0], abs=2e-3)
+                else:
+                    (lp, greedy), (lp_hf, greedy_hf) = mine[0], theirs[0]
+                    assert lp == pytest.approx(lp_hf, abs=2e-3) and greedy == greedy_hf
+
+
+def test_the_oracle_tasks_are_not_trivial(oracle):
+    """The adapters change the answers, the generations stop at the `until` strings, and the rolling
+    documents span several windows: otherwise the equalities below would prove little."""
+    a, base = oracle["a"], oracle[None]
+    assert a["results"]["toy_rolling"]["word_perplexity,none"] != base["results"]["toy_rolling"]["word_perplexity,none"]
+    texts = [s["resps"][0][0] for s in a["samples"]["toy_generate"]]
+    assert texts != [s["resps"][0][0] for s in base["samples"]["toy_generate"]]
+    assert any(t.strip() and len(t.split()) < 8 for t in texts)  # cut by a stop string before max_gen_toks
+
+
+def test_evaluate_adapters_equals_hf_with_peft_per_adapter(setup, oracle, monkeypatch):
+    """Three adapters and the base model through one engine with two slots: each result is lm-eval's
+    own `hf` + `peft` result for that adapter; each kind of request runs once, for all of them."""
+    from multilora_plugin.llm import LLM
+
+    base, paths, tasks = setup
+    calls = []
+    real = LLM.generate
+
+    def counting(self, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "generate", counting)
+    adapters = {"a": paths["a"], "b": paths["b"], "base": None, "c": paths["c"]}
+    results = evaluate_adapters(base, adapters, TASKS, tasks, model_args=dict(max_loras=2, batch_size=6, **COMMON),
+                                log_samples=True, progress=False)
+    assert list(results) == list(adapters)
+    for name in adapters:
+        check_same(results[name], oracle[None if name == "base" else name])
+    assert len(calls) == 3, calls  # loglikelihood, generate_until, rolling: each once, for the four adapters
+
+
+def test_the_multilora_backend_through_simple_evaluate(setup, oracle):
+    """`simple_evaluate(model="multilora", model_args="pretrained=...,adapter=PATH")`, as lm-eval's CLI
+    would build it, equals `hf` with `peft=PATH`."""
+    base, paths, tasks = setup
+    got = simple_evaluate(model="multilora", model_args=f"pretrained={base},adapter={paths['b']},device=cpu,"
+                          "dtype=float32,max_length=16,max_num_batched_tokens=64", tasks=TASKS, task_manager=tasks,
+                          log_samples=True)
+    check_same(got, oracle["b"])
+    assert got["config"]["model"] == "multilora"
+
+
+def test_bad_arguments_are_refused_with_what_to_do(setup):
+    base, paths, _ = setup
+    with pytest.raises(ConfigError, match="takes `adapter=PATH`, not `peft=`"):
+        MultiLoRALM(pretrained=base, peft=paths["a"], **COMMON)
+    with pytest.raises(ConfigError, match="at least one adapter"):
+        evaluate_adapters(base, {}, TASKS)
+    with pytest.raises(Exception, match="no-such-adapter"):
+        MultiLoRALM(pretrained=base, adapter=os.path.join(os.path.dirname(base), "no-such-adapter"), **COMMON)
