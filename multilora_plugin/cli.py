@@ -7,6 +7,8 @@
                         concurrent clients; every output checked against PEFT
     multilora serve     the HTTP server (TGI- and OpenAI-compatible) for a model directory and PEFT
                         adapter directories; without --model, the demo's tiny model and adapters
+    multilora eval      lm-evaluation-harness tasks for many adapters in one run, their requests
+                        mixed in the engine's batches; one table, lm-eval's JSON per adapter
 """
 
 from __future__ import annotations
@@ -55,6 +57,54 @@ def serve(args: argparse.Namespace) -> int:
         if keep is not None:
             keep.cleanup()
         print("multilora serve: stopped", flush=True)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """`multilora eval`: every --adapter (and the base model with --base) on --tasks, in one engine."""
+    from .errors import ConfigError, MultiLoRAError
+    from .integrations.engine_args import check_model_path
+
+    try:
+        check_model_path("--model", args.model)
+        adapters = {}
+        for spec in args.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"`--adapter` should be NAME=PATH, but got {spec!r}")
+            if not os.path.isdir(os.path.expanduser(path)):
+                raise ConfigError(f"`--adapter {name}` should be a PEFT adapter directory, but the path {path!r} "
+                                  f"{'is a file' if os.path.exists(path) else 'does not exist'}")
+            adapters[name] = os.path.expanduser(path)
+        if args.base:
+            adapters.setdefault("base", None)
+        if not adapters:
+            raise ConfigError("give at least one --adapter NAME=PATH (or --base for the base model alone)")
+        if args.include_path is not None and not os.path.isdir(args.include_path):
+            raise ConfigError(f"`--include-path` should be a directory of task configs, but got {args.include_path!r}")
+        from lm_eval.tasks import TaskManager
+
+        from .integrations.lm_eval import evaluate_adapters, results_table, write_results
+
+        tasks = [t for t in args.tasks.split(",") if t]
+        manager = TaskManager(include_path=args.include_path)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise ConfigError(f"unknown lm-eval tasks {unknown} (add --include-path DIR for your own)")
+        model_args = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size}
+        if args.max_loras is not None:
+            model_args["max_loras"] = args.max_loras
+        if args.max_length is not None:
+            model_args["max_length"] = args.max_length
+        results = evaluate_adapters(args.model, adapters, tasks, manager, model_args=model_args, limit=args.limit,
+                                    num_fewshot=args.num_fewshot, log_samples=args.log_samples)
+    except (MultiLoRAError, OSError, ValueError) as exc:
+        print(f"multilora eval: {exc}", file=sys.stderr)
+        return 2
+    print(results_table(results))
+    if args.output_path:
+        files = write_results(results, args.output_path)
+        print(f"wrote {len(files)} files under {args.output_path}")
+    return 0
 
 
 def _access(args: argparse.Namespace):
@@ -175,7 +225,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server.add_argument("--port", type=int, default=8000, help="port to listen on")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn's and multilora_plugin's log level")
+    evaluation = commands.add_parser("eval", formatter_class=shown,
+                                     help="evaluate many adapters with lm-evaluation-harness in one run")
+    evaluation.add_argument("--model", required=True, help="the base model: a directory or a hub id")
+    evaluation.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                            help="a PEFT adapter directory to evaluate under NAME (repeatable)")
+    evaluation.add_argument("--base", action="store_true", help="evaluate the base model too (row 'base')")
+    evaluation.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
+    evaluation.add_argument("--include-path", default=None, help="a directory of your own lm-eval task configs")
+    evaluation.add_argument("--output-path", default=None, help="write lm-eval's JSON per adapter under it")
+    evaluation.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    evaluation.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    evaluation.add_argument("--batch-size", type=int, default=32, help="requests running at once in the engine")
+    evaluation.add_argument("--max-loras", type=int, default=None,
+                            help="adapters resident in slots at once (default: the adapters given, up to 8)")
+    evaluation.add_argument("--max-length", type=int, default=None, help="lm-eval's max_length (default: the model's)")
+    evaluation.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    evaluation.add_argument("--dtype", default="auto", help="the base model's dtype (auto: its config's)")
+    evaluation.add_argument("--log-samples", action="store_true", help="keep every sample's request and answer")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return evaluate(args)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -119,3 +119,45 @@ def test_bad_arguments_are_refused_with_what_to_do(setup):
         evaluate_adapters(base, {}, TASKS)
     with pytest.raises(Exception, match="no-such-adapter"):
         MultiLoRALM(pretrained=base, adapter=os.path.join(os.path.dirname(base), "no-such-adapter"), **COMMON)
+
+
+def test_multilora_eval_prints_one_table_and_writes_lm_evals_json(setup, oracle, tmp_path, capsys):
+    import json
+
+    from multilora_plugin.cli import main
+
+    base, paths, tasks = setup
+    include = os.path.join(os.path.dirname(base), "tasks")
+    argv = ["eval", "--model", base, "--adapter", f"a={paths['a']}", "--adapter", f"c={paths['c']}", "--base",
+            "--tasks", ",".join(TASKS), "--include-path", include, "--output-path", str(tmp_path / "out"),
+            "--max-length", "16", "--device", "cpu", "--dtype", "float32", "--max-loras", "1", "--log-samples"]
+    assert main(argv) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| adapter | toy_choice acc | toy_generate exact_match | toy_rolling word_perplexity")
+    rows = {line.split(" | ")[0][2:]: line for line in table[1:]}
+    assert sorted(rows) == ["a", "base", "c"]
+    for name, want in (("a", oracle["a"]), ("c", oracle["c"]), ("base", oracle[None])):
+        acc = want["results"]["toy_choice"]["acc,none"]
+        assert rows[name].split(" | ")[1] == f"{acc:.4g}"
+        written = json.loads((tmp_path / "out" / name / "results.json").read_text())
+        assert written["results"]["toy_choice"]["acc,none"] == acc
+        samples = (tmp_path / "out" / name / "samples_toy_generate.jsonl").read_text().splitlines()
+        assert [json.loads(s)["resps"] for s in samples] == [s["resps"] for s in want["samples"]["toy_generate"]]
+
+
+@pytest.mark.parametrize("change,words", [
+    (("--model", "/no/such/model"), "the path '/no/such/model' does not exist"),
+    (("--adapter", "a=/no/such/adapter"), "the path '/no/such/adapter' does not exist"),
+    (("--adapter", "just-a-name"), "should be NAME=PATH"),
+    (("--tasks", "toy_choice,no_such_task"), "unknown lm-eval tasks ['no_such_task']"),
+])
+def test_multilora_eval_names_what_is_wrong_in_one_line(setup, capsys, change, words):
+    from multilora_plugin.cli import main
+
+    base, paths, _ = setup
+    args = {"--model": base, "--adapter": f"a={paths['a']}", "--tasks": "toy_choice",
+            "--include-path": os.path.join(os.path.dirname(base), "tasks")}
+    args[change[0]] = change[1]
+    assert main(["eval", *[x for kv in args.items() for x in kv]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("multilora eval: ") and words in err[-1]

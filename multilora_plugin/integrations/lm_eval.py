@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -63,7 +64,8 @@ class SharedRuns:
                     todo.append((name, job))
         if todo:
             if self.progress:
-                print(f"multilora: {desc}: {len(todo)} requests for {len({n for n, _ in todo})} adapter(s)")
+                print(f"multilora: {desc}: {len(todo)} requests for {len({n for n, _ in todo})} adapter(s)",
+                      file=sys.stderr)
             outputs = self.llm.generate([{"prompt_token_ids": job[1]} for _, job in todo], [job[2] for _, job in todo],
                                         [name for name, _ in todo], use_tqdm=self.progress)
             for (name, job), out in zip(todo, outputs):
@@ -231,3 +233,48 @@ def evaluate_adapters(pretrained, adapters: Dict[str, Optional[str]], tasks: Seq
                                         **simple_evaluate_kwargs)
         lm.runs.done(adapter)
     return results
+
+
+def results_table(results: Dict[str, Optional[dict]]) -> str:
+    """One markdown table: a row per adapter, a column per task metric (lm-eval's stderr columns left out)."""
+    columns: List[tuple] = []
+    for res in results.values():
+        for task, metrics in (res or {}).get("results", {}).items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and "stderr" not in metric and metric != "sample_len" \
+                        and (task, metric) not in columns:
+                    columns.append((task, metric))
+    head = ["adapter"] + [f"{task} {metric.replace(',none', '')}" for task, metric in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in results.items():
+        values = (res or {}).get("results", {})
+        cells = [name] + [_cell(values.get(task, {}).get(metric)) for task, metric in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_results(results: Dict[str, Optional[dict]], out: "str | os.PathLike") -> List[str]:
+    """lm-eval's results of each adapter as JSON under `out`/NAME/: results.json, and
+    samples_TASK.jsonl per task when the results hold samples. Returns the files written."""
+    import json
+
+    written = []
+    for name, res in results.items():
+        folder = os.path.join(os.fspath(out), name)
+        os.makedirs(folder, exist_ok=True)
+        res = dict(res or {})
+        samples = res.pop("samples", None) or {}
+        path = os.path.join(folder, "results.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2, default=lm_utils.handle_non_serializable)
+        written.append(path)
+        for task, rows in samples.items():
+            path = os.path.join(folder, f"samples_{task}.jsonl")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(row, default=lm_utils.handle_non_serializable) + "\n" for row in rows)
+            written.append(path)
+    return written
