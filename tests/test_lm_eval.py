@@ -161,3 +161,54 @@ def test_multilora_eval_names_what_is_wrong_in_one_line(setup, capsys, change, w
     assert main(["eval", *[x for kv in args.items() for x in kv]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("multilora eval: ") and words in err[-1]
+
+
+def test_local_completions_against_the_server_equals_hf_with_peft(setup, oracle):
+    """lm-eval's `local-completions` backend scores with `echo` + `logprobs` on /v1/completions and
+    generates through it. Its `max_length` counts differently from `hf`'s (one position kept for the
+    token it asks for, one more for rolling windows): 18 gives the windows of `hf`'s 16. Generated
+    texts are the server's continuations of the prompt, so they keep the space before the first word
+    that `hf`, decoding the new tokens alone, drops."""
+    import multilora_plugin
+    from multilora_plugin.integrations.local import running_server
+    from multilora_plugin.integrations.server import create_app
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, paths, tasks = setup
+    model = multilora_plugin.wrap(AutoModelForCausalLM.from_pretrained(base), max_loras=2)
+    for name, path in paths.items():
+        model.register_adapter(name, path)
+    engine = multilora_plugin.Engine(model, AutoTokenizer.from_pretrained(base), load_entrypoints=False)
+    with running_server(create_app(engine, served_model_name="base")) as url:
+        for name in ("c", "base"):
+            args = (f"model={name},base_url={url}/v1/completions,tokenizer={base},tokenizer_backend=huggingface,"
+                    "max_length=18,num_concurrent=4,max_retries=1")
+            got = simple_evaluate(model="local-completions", model_args=args, tasks=TASKS, task_manager=tasks,
+                                  log_samples=True)
+            want = oracle[None if name == "base" else name]
+            for sample in got["samples"]["toy_generate"]:
+                sample["resps"] = [[text.lstrip() for text in resp] for resp in sample["resps"]]
+            for sample in want["samples"]["toy_generate"]:
+                assert all(text == text.lstrip() for resp in sample["resps"] for text in resp)
+            check_same(got, want)
+    engine.close()
+
+
+def test_a_greedy_continuation_is_reported_greedy_as_hf_does(setup):
+    """The toy tasks' random continuations are never greedy; the model's own greedy tokens are: the
+    flag and the log-likelihood equal `hf`'s, for a continuation of one token and of several."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    base, paths, _ = setup
+    hf = HFLM(pretrained=base, peft=paths["a"], **COMMON)
+    ours = MultiLoRALM(pretrained=base, adapter=paths["a"], **COMMON)
+    context = [2, 17, 40, 5, 66]
+    with torch.no_grad():
+        greedy = hf.model.generate(input_ids=torch.tensor([context]), max_new_tokens=4, do_sample=False,
+                                   pad_token_id=0)[0, len(context):].tolist()
+    requests = [(None, context, greedy[:1]), (None, context, greedy), (None, context, greedy[:2] + [greedy[2] ^ 1])]
+    want = hf._loglikelihood_tokens(requests)
+    got = ours._loglikelihood_tokens(requests)
+    assert [g for _, g in want] == [True, True, False] == [g for _, g in got]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=2e-3)

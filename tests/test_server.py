@@ -229,6 +229,41 @@ def test_openai_several_prompts_n_and_logprobs(served):
     assert all(len(c.top_logprobs) == 2 for c in content)
 
 
+def test_openai_echo_with_logprobs_scores_the_prompt(served):
+    """`echo` with `logprobs` (how lm-eval's local-completions scores a log-likelihood): OpenAI's legacy
+    format for prompt + completion, the prompt's entries None first, then PEFT's log-softmax of the prompt
+    tokens; `max_tokens: 0` scores only; a stream carries the prompt's entries in its first chunk."""
+    import torch
+    from peft import PeftModel
+
+    client = _openai(served)
+    ids = served.tokenizer.encode(PROMPTS[1])
+    peft = PeftModel.from_pretrained(copy.deepcopy(served.base), served.paths["chat"]).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    expected = [None] + [want[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    out = client.completions.create(model="chat", prompt=[ids], max_tokens=3, temperature=0, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    gen_ids, gen_text, gen_logprobs = served.offline("chat", ids, 3)
+    assert out.choices[0].text == served.tokenizer.decode(ids) + gen_text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected[1:], abs=1e-4)
+    assert lp.token_logprobs[len(ids):] == pytest.approx(gen_logprobs, abs=1e-5)
+    assert len(lp.tokens) == len(lp.text_offset) == len(ids) + 3
+    assert "".join(lp.tokens) == out.choices[0].text
+    for i in range(1, len(ids)):
+        top = want[i - 1].topk(2)
+        assert sorted(lp.top_logprobs[i].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=1e-4)
+    only = client.completions.create(model="chat", prompt=[ids], max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == served.tokenizer.decode(ids) and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+    chunks = list(client.completions.create(model="chat", prompt=[ids], max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert chunks[0].choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(expected[1:], abs=1e-4)
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), [])[len(ids):] == pytest.approx(
+        gen_logprobs, abs=1e-5)
+
+
 def test_models_lists_base_and_adapters(served):
     models = {m.id: m for m in _openai(served).models.list()}
     assert {"tiny", "sql", "chat", "poem"} <= set(models)

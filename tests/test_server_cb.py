@@ -71,6 +71,9 @@ def test_what_transformers_cb_cannot_serve_is_refused(served):
     client = OpenAI(base_url=served.url + "/v1", api_key="-", max_retries=0)
     with pytest.raises(BadRequestError, match="greedy decoding only"):
         client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=4, temperature=0.7)
+    # lm-eval's local-completions scoring: refused, never answered without the prompt's log-probabilities
+    with pytest.raises(BadRequestError, match=r"the prompt's log-probabilities \(echo with logprobs\)"):
+        client.completions.create(model="sql", prompt=PROMPTS[0], max_tokens=1, temperature=0, echo=True, logprobs=1)
     r = httpx.post(served.url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 3,
                                                                                  "top_n_tokens": 2, "details": True}})
     assert r.status_code == 400 and "greedy decoding only" in r.json()["error"]

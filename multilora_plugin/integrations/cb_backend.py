@@ -245,7 +245,9 @@ class _Failed(MultiLoRAError, RuntimeError):
 def _check_greedy(params: SamplingParams) -> None:
     asked = [name for name, on in (("sampling (temperature > 0)", params.temperature > 0),
                                    ("repetition_penalty", params.repetition_penalty != 1.0),
-                                   ("alternative tokens' log-probabilities", (params.logprobs or 0) > 0))
+                                   ("alternative tokens' log-probabilities", (params.logprobs or 0) > 0),
+                                   ("the prompt's log-probabilities (echo with logprobs)", params.prompt_logprobs is not None),
+                                   ("no new token (max_tokens 0)", params.max_new_tokens == 0))
              if on]
     if asked:
         raise InvalidRequestError(f"the transformers engine serves greedy decoding only (its continuous batching "

@@ -15,6 +15,8 @@ engine output becomes a JSON-ready dict. `server.py` wires them to routes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import time
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
@@ -138,16 +140,17 @@ class Tokens:
     def text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False) if self.tokenizer is not None else ""
 
-    def texts(self, context: Sequence[int], ids: Sequence[int], window: int = 6) -> List[str]:
+    def texts(self, context: Sequence[int], ids: Sequence[int], window: int = 6, special: bool = False) -> List[str]:
         """The text each token of `ids` adds after the tokens before it (as a stream shows it:
-        leading spaces and merges included), decoding a short window of the tokens before."""
+        leading spaces and merges included), decoding a short window of the tokens before; special
+        tokens add nothing unless `special` (an echoed prompt shows them, as its decoded ids do)."""
         if self.tokenizer is None:
             return [""] * len(ids)
         seen = list(context[-window:])
         out = []
         for token in ids:
-            before = self.tokenizer.decode(seen[-window:], skip_special_tokens=True)
-            after = self.tokenizer.decode(seen[-window:] + [token], skip_special_tokens=True)
+            before = self.tokenizer.decode(seen[-window:], skip_special_tokens=not special)
+            after = self.tokenizer.decode(seen[-window:] + [token], skip_special_tokens=not special)
             out.append(after[len(before):] if after.startswith(before) else self.text(token))
             seen.append(token)
         return out
@@ -285,9 +288,13 @@ class CompletionRequest(_OpenAIBase):
         return list(prompt)
 
     def params(self, room: Optional[int]) -> SamplingParams:
+        """With `echo` and `logprobs`, the prompt's tokens are scored too (`max_tokens: 0` scores only)."""
         _unsupported("best_of", self.best_of, self.n)
         _unsupported("suffix", self.suffix or None, None)
-        return self.sampling(self.max_tokens, room, self.logprobs)
+        params = self.sampling(self.max_tokens, room, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
+        return params
 
 
 class ContentPart(BaseModel):
@@ -387,6 +394,20 @@ def completion_logprobs(completion: CompletionOutput, context: Sequence[int], st
         "top_logprobs": [{tokens.text(t): v for t, v in top(entry, k)} for entry in entries],
         "text_offset": offsets,
     }
+
+
+def echoed_logprobs(output: RequestOutput, tokens: Tokens, k: int, rest: Optional[dict]) -> dict:
+    """The `logprobs` object of an echoed prompt (OpenAI's legacy format: None for its first token,
+    then each token's log-probability given those before it), followed by `rest` (the completion's)."""
+    ids, scored = output.prompt_token_ids, output.prompt_logprobs
+    texts = tokens.texts([], ids, special=True)
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    part = {"tokens": texts, "token_logprobs": [None] + [entry[t] for t, entry in zip(ids[1:], scored[1:])],
+            "top_logprobs": [None] + [{tokens.text(t): v for t, v in top(entry, k)} for entry in scored[1:]],
+            "text_offset": offsets}
+    for field_name in part if rest else ():
+        part[field_name] = part[field_name] + rest[field_name]
+    return part
 
 
 def chat_logprobs(completion: CompletionOutput, start: int, tokens: Tokens, k: int) -> Optional[dict]:

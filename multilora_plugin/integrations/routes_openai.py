@@ -158,9 +158,10 @@ def _choice(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int
         return {"index": index, "message": {"role": "assistant", "content": completion.text},
                 "logprobs": protocol.chat_logprobs(completion, 0, tokens, k), "finish_reason": reason}
     prefix = _echo(output, tokens) if echo else ""
-    return {"index": index, "text": prefix + completion.text,
-            "logprobs": protocol.completion_logprobs(completion, output.prompt_token_ids, 0, tokens, len(prefix), k),
-            "finish_reason": reason}
+    logprobs = protocol.completion_logprobs(completion, output.prompt_token_ids, 0, tokens, len(prefix), k)
+    if echo and output.prompt_logprobs is not None:
+        logprobs = protocol.echoed_logprobs(output, tokens, k, logprobs)
+    return {"index": index, "text": prefix + completion.text, "logprobs": logprobs, "finish_reason": reason}
 
 
 def _delta(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int, echo: bool, first: bool) -> dict:
@@ -174,7 +175,8 @@ def _delta(kind: str, index: int, output: RequestOutput, tokens: Tokens, k: int,
         return {"index": index, "delta": delta, "logprobs": protocol.chat_logprobs(completion, start, tokens, k),
                 "finish_reason": reason}
     prefix = _echo(output, tokens) if echo else ""
-    return {"index": index, "text": prefix + completion.delta_text,
-            "logprobs": protocol.completion_logprobs(completion, output.prompt_token_ids + completion.token_ids[:start],
-                                                     start, tokens, 0, k),
-            "finish_reason": reason}
+    logprobs = protocol.completion_logprobs(completion, output.prompt_token_ids + completion.token_ids[:start],
+                                            start, tokens, len(prefix), k)
+    if echo and output.prompt_logprobs is not None:  # the prompt's, in the first chunk
+        logprobs = protocol.echoed_logprobs(output, tokens, k, logprobs)
+    return {"index": index, "text": prefix + completion.delta_text, "logprobs": logprobs, "finish_reason": reason}
