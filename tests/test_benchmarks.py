@@ -71,3 +71,12 @@ def test_bench_kinds_quick(tmp_path, kind, contestants):
     assert load("bench_kinds").main(["--quick", "--kind", kind, "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["tokens_match_peft"] and set(results["tokens_per_s"]) == {"base", "ours", *contestants}
+
+
+def test_bench_eval_quick(tmp_path):
+    """evaluate_adapters and one lm-eval hf + peft run per adapter give the same results."""
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "eval.json"
+    assert load("bench_eval").main(["--quick", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["results_equal"] and results["adapters"] == 2 and results["ours_s"] > 0

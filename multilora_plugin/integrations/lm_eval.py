@@ -23,6 +23,7 @@ model_args="pretrained=BASE,adapter=PATH,max_loras=4")`, or `multilora eval` on 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -63,6 +64,7 @@ class SharedRuns:
                     seen.add((name, job[0]))
                     todo.append((name, job))
         if todo:
+            todo.sort(key=lambda item: -len(item[1][1]))  # rows of one prefill of alike lengths pad little
             if self.progress:
                 print(f"multilora: {desc}: {len(todo)} requests for {len({n for n, _ in todo})} adapter(s)",
                       file=sys.stderr)
@@ -228,11 +230,36 @@ def evaluate_adapters(pretrained, adapters: Dict[str, Optional[str]], tasks: Seq
         served[name] = None if path is None else name
     lm.runs.waiting = list(served.values())
     results = {}
-    for name, adapter in served.items():
-        results[name] = simple_evaluate(model=lm.for_adapter(adapter), tasks=list(tasks), task_manager=task_manager,
-                                        **simple_evaluate_kwargs)
-        lm.runs.done(adapter)
+    with _environment_once():
+        for name, adapter in served.items():
+            results[name] = simple_evaluate(model=lm.for_adapter(adapter), tasks=list(tasks),
+                                            task_manager=task_manager, **simple_evaluate_kwargs)
+            lm.runs.done(adapter)
     return results
+
+
+@contextlib.contextmanager
+def _environment_once():
+    """lm-eval records the environment in every results dict (torch's collect_env runs pip and more:
+    about half a second); in one run it is the same for every adapter, so it is collected once."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "add_env_info", None)
+    if original is None:  # another lm-eval layout: each evaluation collects its own
+        yield
+        return
+    collected: dict = {}
+
+    def once(storage: dict) -> None:
+        if not collected:
+            original(collected)
+        storage.update(copy.deepcopy(collected))
+
+    evaluator.add_env_info = once
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
 
 
 def results_table(results: Dict[str, Optional[dict]]) -> str:
