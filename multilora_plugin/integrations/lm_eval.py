@@ -103,7 +103,7 @@ class MultiLoRALM(HFLM):
                  batch_size="auto", **kwargs: Any) -> None:
         import torch
 
-        import multilora_plugin
+        from ..wrapping import wrap
 
         if "peft" in kwargs:
             raise ConfigError("the multilora backend takes `adapter=PATH`, not `peft=`: it serves the adapter "
@@ -116,7 +116,7 @@ class MultiLoRALM(HFLM):
         super().__init__(pretrained=pretrained, device=device, batch_size=1, **kwargs)
         if adapter is not None:
             wrap_args.setdefault("max_loras", 1)
-        model = multilora_plugin.wrap(self._model, **wrap_args)
+        model = wrap(self._model, **wrap_args)
         self.runs = SharedRuns(LLM(model, self.tokenizer, load_entrypoints=False, **engine_args))
         self.adapter: Optional[str] = None
         if adapter is not None:
