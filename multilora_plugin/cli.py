@@ -131,9 +131,12 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
                                       max_model_len=engine_args.max_model_len, max_num_seqs=engine_args.max_num_seqs)
     elif args.engine_process:
         from .integrations.engine_process import EngineProcess
+        from .integrations.restarts import RestartPolicy
 
+        policy = RestartPolicy(max_deaths=args.max_engine_deaths, window_s=args.engine_death_window)
         backend = EngineProcess(engine_args, max_concurrent_requests=args.max_concurrent_requests,
-                                log_level=args.log_level)
+                                log_level=args.log_level, restarts=policy,
+                                on_fatal=lambda why: setattr(server, "should_exit", True))
     else:
         backend = engine_args.build()
     app = create_app(backend, served_model_name=engine_args.model_name,
@@ -142,11 +145,16 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
              else "in its own process" if args.engine_process else "in this process")
     print(f"serving {engine_args.model_name!r} with {len(app.state.server.backend.adapters())} adapters, "
           f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port} (engine {where})")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     finally:
         backend.close()
         print("engine closed", flush=True)
+    fatal = getattr(backend, "fatal", None)
+    if fatal:  # the engine kept dying: a supervisor should take over
+        print(f"multilora serve: {fatal}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -221,6 +229,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="run the engine in a process of its own, so that its step loop never waits for the "
                              "event loop's share of the GIL (as vLLM's engine core); --no-engine-process keeps it "
                              "in the server's process")
+    server.add_argument("--max-engine-deaths", type=int, default=3,
+                        help="with the engine in its own process: a dead engine is started again with every adapter "
+                             "it served, unless it died this many times within --engine-death-window seconds: then "
+                             "the server exits non-zero, naming the engine's exit code and last lines (1: exit at "
+                             "the first death)")
+    server.add_argument("--engine-death-window", type=float, default=300.0, metavar="SECONDS",
+                        help="the window --max-engine-deaths counts in")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     server.add_argument("--port", type=int, default=8000, help="port to listen on")
     server.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),

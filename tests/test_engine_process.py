@@ -167,7 +167,10 @@ def test_a_client_that_leaves_aborts_its_request(served):
 
 
 def test_when_the_engine_process_dies_requests_get_503(kit):
-    backend = EngineProcess(kit.args)
+    """Without restarts (`max_deaths=1`); tests/test_engine_restart.py has the engine come back."""
+    from multilora_plugin.integrations.restarts import RestartPolicy
+
+    backend = EngineProcess(kit.args, restarts=RestartPolicy(max_deaths=1))
     with running_server(create_app(backend, served_model_name="tiny")) as url:
         body = {"inputs": PROMPTS[0], "parameters": {"adapter_id": "sql", "max_new_tokens": 400}}
         with httpx.stream("POST", url + "/generate_stream", json={**body}, timeout=60) as r:

@@ -23,6 +23,11 @@ The two processes talk over one duplex pipe of pickled tuples:
 
 The engine process reads the pipe between steps and blocks on it only when nothing runs: the step
 loop is its only thread. The server process watches the pipe from its event loop (`add_reader`).
+
+When the engine process ends unexpectedly (killed, out of memory), the requests and calls it held fail
+with 503, and a new one starts with the same `EngineArgs` (the operator's adapters) and the adapters
+clients loaded since, at their last path; meanwhile `/health` and new requests answer 503 with
+`Retry-After`. Too many deaths in a row (`restarts.RestartPolicy`) stop the server instead.
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ import logging
 import multiprocessing
 import os
 import pickle
-from typing import Any, Dict, List, Optional
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from ..async_engine import RequestStream, open_stream
 from ..errors import InvalidRequestError, MultiLoRAError, OverloadedError, UnavailableError
@@ -41,6 +51,7 @@ from ..sampling import SamplingParams
 from .engine_args import EngineArgs
 from .metrics import EngineMetrics
 from .protocol import describe_model
+from .restarts import RestartPolicy, Tee, last_lines
 
 logger = logging.getLogger(__name__)
 
@@ -48,48 +59,76 @@ logger = logging.getLogger(__name__)
 class EngineProcess:
     """A backend of the HTTP server (see `integrations.server`) whose engine runs in a child process,
     built there from `engine_args`. The constructor returns once the engine is built (its errors
-    are raised here: a bad model path, a bad adapter)."""
+    are raised here: a bad model path, a bad adapter). A child that dies later is replaced (see the
+    module docstring); when `restarts` says to give up, `fatal` holds why and `on_fatal(fatal)` is
+    called (the CLI stops the server with it)."""
+
+    RETRY_AFTER_S = 5  # what 503s say while a new engine process starts
 
     def __init__(self, engine_args: EngineArgs, *, max_concurrent_requests: int = 256,
-                 log_level: Optional[str] = None, start_timeout_s: float = 600.0) -> None:
+                 log_level: Optional[str] = None, start_timeout_s: float = 600.0,
+                 restarts: Optional[RestartPolicy] = None, on_fatal: Optional[Callable[[str], None]] = None) -> None:
         self.engine_args = engine_args
         self.tokenizer = engine_args.load_tokenizer()
         self.default_model_name = engine_args.model_name
         self.max_concurrent_requests = max_concurrent_requests
+        self.log_level, self.start_timeout_s = log_level, start_timeout_s
+        self.restarts = restarts or RestartPolicy()
+        self.on_fatal = on_fatal
+        self.fatal: Optional[str] = None  # why the server gave up on its engine
+        self._logs = tempfile.TemporaryDirectory(prefix="multilora-engine-")
+        self.log_path = os.path.join(self._logs.name, "engine.log")  # the engine process's stderr, teed
         self._streams: Dict[str, RequestStream] = {}
         self._calls: Dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._gone: Optional[str] = None  # why the engine process is no longer there
+        self._closing = False
+        self._restart: Optional[asyncio.Task] = None  # while a new engine process starts
+        self._runtime: Dict[str, str] = {}  # adapters clients loaded: loaded again into a new engine
+        self._registry = CollectorRegistry()
+        self._restarts_total = Counter("multilora_engine_restarts", "engine processes started again after one "
+                                       "ended unexpectedly", registry=self._registry)
+        self._conn, self.process = self._spawn()
+
+    def _spawn(self) -> tuple:
+        """Start an engine process and wait until it is built; returns (pipe, process)."""
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or CUDA state copied
-        self._conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_engine_main, args=(child, engine_args, log_level),
-                                       name="multilora-engine", daemon=True)
-        self.process.start()
+        conn, child = context.Pipe(duplex=True)
+        process = context.Process(target=_engine_main, args=(child, self.engine_args, self.log_level, self.log_path),
+                                  name="multilora-engine", daemon=True)
+        process.start()
         child.close()
         try:
-            if not self._conn.poll(start_timeout_s):
-                raise UnavailableError(f"the engine process did not start within {start_timeout_s:.0f} s")
-            kind, value = self._conn.recv()
+            if not conn.poll(self.start_timeout_s):
+                raise UnavailableError(f"the engine process did not start within {self.start_timeout_s:.0f} s")
+            kind, value = conn.recv()
         except EOFError:
-            self.process.join(5)
-            raise UnavailableError(f"the engine process ended while starting (exit code {self.process.exitcode})") \
+            process.join(5)
+            raise UnavailableError(f"the engine process ended while starting (exit code {process.exitcode})") \
                 from None
         except BaseException:
-            self.process.kill()
+            process.kill()
             raise
         if kind == "error":
-            self.process.join()
+            process.join()
             raise value
+        if self._closing:  # the server stopped while this one started
+            process.kill()
+            raise UnavailableError("the server is shutting down")
         self.max_model_len = value.pop("max_model_len")
         self._catalog: Dict[str, str] = value.pop("adapters")
         self._description = value
+        return conn, process
 
     # the backend's interface (integrations.backend) ------------------------------------------------
     metrics_elsewhere = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._watch()
+
+    def _watch(self) -> None:
         self._loop.add_reader(self._conn.fileno(), self._read)
         os.set_blocking(self._conn.fileno(), True)  # uvloop makes it non-blocking; a message is read whole
 
@@ -103,7 +142,11 @@ class EngineProcess:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
-        """Stop the engine process (it closes its engine first) and wait for it; idempotent."""
+        """Stop the engine process (it closes its engine first) and wait for it; idempotent. A clean
+        shutdown never restarts anything."""
+        self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
         if self._gone is None:
             self._gone = "the server is shutting down"
             try:
@@ -118,7 +161,14 @@ class EngineProcess:
     async def unhealthy(self) -> Optional[str]:
         if self._gone is None and not self.process.is_alive():
             self._lost(f"the engine process ended (exit code {self.process.exitcode})")
-        return self._gone
+        return self._gone if self._restart is None else "a new engine process is starting"
+
+    def _unavailable(self) -> UnavailableError:
+        if self._restart is None:
+            return UnavailableError(self._gone)
+        error = UnavailableError("the engine process ended and a new one is starting; retry shortly")
+        error.retry_after_s = self.RETRY_AFTER_S  # the server's 503 says so in `Retry-After`
+        return error
 
     @property
     def num_requests(self) -> int:
@@ -150,12 +200,17 @@ class EngineProcess:
 
     async def load_adapter(self, name: str, path: str, replace: bool = False) -> None:
         await self._call("call", "load_adapter", (name, path, replace))
+        self._runtime[name] = path
 
     async def unload_adapter(self, name: str) -> None:
         await self._call("call", "unload_adapter", (name,))
+        self._runtime.pop(name, None)
 
     async def render_metrics(self) -> bytes:
-        return await self._call("call", "metrics", (len(self._streams),))
+        ours = generate_latest(self._registry)
+        if self._gone is not None or self._restart is not None:  # only the server's own while no engine runs
+            return ours
+        return await self._call("call", "metrics", (len(self._streams),)) + ours
 
     # the pipe ----------------------------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
@@ -165,9 +220,9 @@ class EngineProcess:
             self._lost(f"the engine process is gone ({exc})")
             raise UnavailableError(self._gone) from None
 
-    async def _call(self, kind: str, *args: Any) -> Any:
-        if self._gone is not None:
-            raise UnavailableError(self._gone)
+    async def _call(self, kind: str, *args: Any, replay: bool = False) -> Any:
+        if self._gone is not None or (self._restart is not None and not replay):
+            raise self._unavailable()
         call = next(self._ids)
         future = self._calls[call] = self._loop.create_future()
         try:
@@ -210,7 +265,8 @@ class EngineProcess:
             self._catalog = message[1]
 
     def _lost(self, why: str) -> None:
-        """The engine process is gone: every request and call fails with 503."""
+        """The engine process is gone: every request and call it held fails with 503, then a new one
+        starts (unless the server is shutting down, or this death is one too many)."""
         if self._gone is not None:
             return
         self._gone = why
@@ -221,13 +277,75 @@ class EngineProcess:
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(UnavailableError(why))
+        if self._closing or self._loop is None:
+            return
+        if self.restarts.died(time.monotonic()):
+            self._give_up(why)
+        else:
+            self._restart = self._loop.create_task(self._start_again(why))
+
+    async def _start_again(self, why: str) -> None:
+        """A new engine process with the same arguments, then the adapters clients had loaded."""
+        started = time.monotonic()
+        try:
+            self._loop.remove_reader(self._conn.fileno())
+        except (OSError, ValueError):
+            pass
+        self._conn.close()
+        logger.warning("%s: starting a new engine process", why)
+        while True:
+            try:
+                conn, process = await asyncio.to_thread(self._spawn)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a start that fails is one more death
+                cause = f"a new engine process failed to start: {type(exc).__name__}: {exc}"
+                if self._closing:
+                    return
+                if self.restarts.died(time.monotonic()):
+                    self._restart = None
+                    self._give_up(cause)
+                    return
+                logger.error("%s; trying again", cause)
+        if self._closing:
+            process.kill()
+            return
+        self._conn, self.process, self._gone = conn, process, None
+        self._watch()
+        for name, path in list(self._runtime.items()):
+            try:
+                await self._call("call", "load_adapter", (name, path, False), replay=True)
+            except UnavailableError:  # this one died too: another restart takes over
+                return
+            except MultiLoRAError as exc:
+                logger.error("adapter %r (loaded at run time from %s) could not be loaded again: %s", name, path, exc)
+                self._runtime.pop(name)
+        self._restart = None
+        self._restarts_total.inc()
+        logger.warning("a new engine process serves again %.1f s after the last one ended, with %d adapters",
+                       time.monotonic() - started, len(self._catalog))
+
+    def _give_up(self, cause: str) -> None:
+        """Too many deaths: no more restarts; `fatal` says why, `on_fatal` stops the server."""
+        policy = self.restarts
+        tail = last_lines(self.log_path)
+        self.fatal = (f"{cause}; the engine process died {policy.recent_deaths} times within {policy.window_s:g} s "
+                      f"(at most {policy.max_deaths}), so the server stops"
+                      + (f". The engine's last lines:\n{tail}" if tail else ""))
+        self._gone = "the engine process keeps dying; the server is stopping"
+        logger.critical("%s", self.fatal)
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)
 
 
 # the engine process ----------------------------------------------------------------------------------
-def _engine_main(conn, engine_args: EngineArgs, log_level: Optional[str]) -> None:
+def _engine_main(conn, engine_args: EngineArgs, log_level: Optional[str], log_path: Optional[str] = None) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops this process
+    if log_path is not None:  # what it says on stderr also goes to a file the server reads if it gives up
+        sys.stderr = Tee(sys.stderr, open(log_path, "a", buffering=1))
     if log_level is not None:
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:

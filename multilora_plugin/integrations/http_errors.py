@@ -77,7 +77,9 @@ def add_error_handlers(app: FastAPI) -> None:
     async def on_error(request: Request, exc: MultiLoRAError) -> JSONResponse:
         status = status_of(exc)
         message = str(exc).replace("; give its lora_path to register it", "")  # a Python hint, not an HTTP one
-        return JSONResponse(error_body(request.url.path, status, message), status_code=status)
+        retry = getattr(exc, "retry_after_s", None)  # a 503 that will pass: when to try again
+        return JSONResponse(error_body(request.url.path, status, message), status_code=status,
+                            headers={"Retry-After": str(retry)} if retry else None)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
