@@ -62,15 +62,16 @@ def serve(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """`multilora eval`: every --adapter (and the base model with --base) on --tasks, in one engine."""
     from .errors import ConfigError, MultiLoRAError
-    from .integrations.engine_args import check_model_path
+    from .integrations.engine_args import check_model_path, parse_adapter
 
     try:
         check_model_path("--model", args.model)
         adapters = {}
         for spec in args.adapter:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise ConfigError(f"`--adapter` should be NAME=PATH, but got {spec!r}")
+            try:
+                name, path = parse_adapter(spec)
+            except ValueError:
+                raise ConfigError(f"`--adapter` should be NAME=PATH, but got {spec!r}") from None
             if not os.path.isdir(os.path.expanduser(path)):
                 raise ConfigError(f"`--adapter {name}` should be a PEFT adapter directory, but the path {path!r} "
                                   f"{'is a file' if os.path.exists(path) else 'does not exist'}")

@@ -15,7 +15,7 @@ engine output becomes a JSON-ready dict. `server.py` wires them to routes.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 
 import random
 import time
@@ -250,7 +250,8 @@ class _OpenAIBase(_Body):
     ignore_eos: bool = False
     stop_token_ids: Optional[List[int]] = None
 
-    def sampling(self, max_tokens: Optional[int], room: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def sampling(self, max_tokens: Optional[int], room: Optional[int], logprobs: Optional[int],
+                 prompt_logprobs: Optional[int] = None) -> SamplingParams:
         _unsupported("presence_penalty", self.presence_penalty or None, None)
         _unsupported("frequency_penalty", self.frequency_penalty or None, None)
         _unsupported("logit_bias", self.logit_bias or None, None)
@@ -267,7 +268,7 @@ class _OpenAIBase(_Body):
             top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k or 0, 0),
             min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty or 1.0, seed=self.seed,
             stop=_stops(self.stop), stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -291,10 +292,7 @@ class CompletionRequest(_OpenAIBase):
         """With `echo` and `logprobs`, the prompt's tokens are scored too (`max_tokens: 0` scores only)."""
         _unsupported("best_of", self.best_of, self.n)
         _unsupported("suffix", self.suffix or None, None)
-        params = self.sampling(self.max_tokens, room, self.logprobs)
-        if self.echo and self.logprobs is not None:
-            params = dataclasses.replace(params, prompt_logprobs=self.logprobs)
-        return params
+        return self.sampling(self.max_tokens, room, self.logprobs, self.logprobs if self.echo else None)
 
 
 class ContentPart(BaseModel):
@@ -401,7 +399,7 @@ def echoed_logprobs(output: RequestOutput, tokens: Tokens, k: int, rest: Optiona
     then each token's log-probability given those before it), followed by `rest` (the completion's)."""
     ids, scored = output.prompt_token_ids, output.prompt_logprobs
     texts = tokens.texts([], ids, special=True)
-    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
     part = {"tokens": texts, "token_logprobs": [None] + [entry[t] for t, entry in zip(ids[1:], scored[1:])],
             "top_logprobs": [None] + [{tokens.text(t): v for t, v in top(entry, k)} for entry in scored[1:]],
             "text_offset": offsets}
