@@ -17,7 +17,8 @@ Gamma process.
 Three contestants serve the same workload in one process, on copies of one tiny random Llama (CPU,
 fp32). Decoding is greedy with `ignore_eos`, so every request produces exactly its max_new_tokens.
 
-  engine      `multilora_plugin.wrap(max_loras=--max-loras)` with all n adapters registered
+  engine      `multilora_plugin.wrap(max_loras=--max-loras)`, or `wrap(lora_memory=--lora-memory)` (a byte
+              budget: as many adapters resident as fit, each at its own size), with all n adapters registered
               (lazily: weights are read from disk when first needed, inside the timed run), driven
               by `Engine`: the arrivals are replayed (requests whose arrival time has passed are
               added, then one `step()`; when idle, sleep until the next arrival)
@@ -82,7 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-fraction", type=float, default=0.0, help="share of requests on the base model")
     p.add_argument("--prompt-len", type=int, nargs=2, default=[8, 32], metavar=("LO", "HI"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 32], metavar=("LO", "HI"))
-    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters resident at most (default: 8, or unbounded with --lora-memory)")
+    p.add_argument("--lora-memory", default=None, metavar="BYTES|NxR",
+                   help="slot memory: a size (2GiB) or NxR, the bytes of N adapters of rank R on every linear layer "
+                        "of this model (8x64: as much as 8 padded rank-64 slots)")
     p.add_argument("--max-cpu-loras", type=int, default=None, help="default: the wrapped model's (4 * max_loras)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--policy", choices=POLICIES, default="adapter_affinity")
@@ -111,8 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.adapters, args.requests, args.repeats = [4], 16, 1
         args.prompt_len, args.output_len = [4, 12], [4, 8]
         args.hidden, args.layers, args.vocab, args.rank, args.max_loras = 64, 2, 128, 4, 2
+    if args.max_loras is None and args.lora_memory is None:
+        args.max_loras = 8
     for name in ("requests", "max_loras", "max_num_seqs", "rank", "repeats"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} should be at least 1")
     if min(args.adapters) < 1:
         p.error("--adapters should be at least 1")
@@ -218,9 +225,33 @@ def write_adapters(base, root: str, count: int, args, chunk: int = 50) -> Dict[s
     return paths
 
 
+def rank_bytes(base) -> int:
+    """Bytes one rank of an adapter on every linear layer takes (fp32 A and B)."""
+    return 4 * sum(m.in_features + m.out_features for name, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name != "lm_head")
+
+
+def slot_memory(spec: Optional[str], base) -> Optional[int]:
+    """--lora-memory in bytes: a size, or NxR (N adapters of rank R on every linear layer)."""
+    if spec is None:
+        return None
+    count, sep, rank = spec.partition("x")
+    if sep and count.isdigit() and rank.isdigit():
+        return int(count) * int(rank) * rank_bytes(base)
+    from multilora_plugin.config import parse_bytes
+
+    return parse_bytes(spec, "--lora-memory")
+
+
+def resident_bound(args, base) -> int:
+    """How many adapters of rank --rank can be in slots at once."""
+    fit = math.inf if args.lora_bytes is None else args.lora_bytes // (args.rank * rank_bytes(base))
+    return int(min(fit, args.max_loras or math.inf))
+
+
 def engine_model(base, paths: Dict[str, str], args):
-    model = multilora_plugin.wrap(copy.deepcopy(base), max_loras=args.max_loras, max_lora_rank=args.rank,
-                                  max_cpu_loras=args.max_cpu_loras)
+    model = multilora_plugin.wrap(copy.deepcopy(base), lora_memory=getattr(args, "lora_bytes", None), max_loras=args.max_loras,
+                                  max_lora_rank=args.rank, max_cpu_loras=args.max_cpu_loras)
     for name, path in paths.items():
         model.register_adapter(name, path)
     return model
@@ -488,7 +519,7 @@ def sweep_point(base, paths: Dict[str, str], n: int, args) -> dict:
             point[f"engine_vs_{other}"] = statistics.median(
                 theirs.seconds / ours.seconds for ours, theirs in zip(results["engine"], results[other]))
     offline = args.rate == 0 or math.isinf(args.rate)
-    point["slot_bound_steps"] = slot_time_bound(workload, args.max_loras) if offline else None
+    point["slot_bound_steps"] = slot_time_bound(workload, args.resident) if offline else None
     if "peft" in results:
         bad = mismatches(results["engine"][0], results["peft"][0])
         point["mismatches"], point["mismatched_ids"] = len(bad), bad[:10]
@@ -503,8 +534,9 @@ def sweep_point(base, paths: Dict[str, str], n: int, args) -> dict:
 
 def slot_time_bound(workload: List[TraceRequest], max_loras: int) -> float:
     """Fewest engine steps any schedule can take when every request arrives at once: each adapter
-    holds a slot at least as long as its longest request runs, and only `max_loras` are held at a
-    time, so steps >= sum over adapters of (longest max_new_tokens) / max_loras."""
+    holds a slot at least as long as its longest request runs, and only `max_loras` (the adapters
+    that fit at once) are held at a time, so steps >= sum over adapters of (longest max_new_tokens) /
+    max_loras."""
     longest: Dict[str, int] = {}
     for r in workload:
         if r.adapter is not None:
@@ -538,7 +570,10 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
           f"seed {args.seed}",
         f"Model: tiny random Llama, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
         f"vocab {args.vocab}, fp32, CPU; adapters rank {args.rank} (alpha {2 * args.rank}) on all linear layers",
-        f"Engine: max_loras {args.max_loras}, max_cpu_loras {args.max_cpu_loras or 'default'}, "
+        f"Engine: lora_memory {args.lora_memory or 'default'}"
+        + (f" ({args.lora_bytes / 2 ** 20:.1f} MiB)" if args.lora_bytes else "")
+        + f", max_loras {args.max_loras or 'unbounded'} (adapters resident at most: {args.resident}), "
+          f"max_cpu_loras {args.max_cpu_loras or 'default'}, "
         f"max_num_seqs {args.max_num_seqs}, policy {args.policy}; greedy, ignore_eos; fresh engine per round, "
         f"adapters registered lazily (disk reads are inside the timed run)",
         "PEFT baseline: offline (arrival times ignored, all requests available at t = 0), one adapter group at a "
@@ -574,8 +609,8 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
                 f"{p['engine_vs_cb-lora']:.2f}× | {p['no-adapter_vs_cb']:.2f}× | {p['cb_mismatches']} | "
                 f"{p['cb_base_mismatches']} |")
     lines += ["", "Ratios: the median over rounds of the ratio within a round. Engine steps against the fewest "
-                  "possible with max_loras slots when all requests arrive at once (sum over adapters of their "
-                  "longest output / max_loras; the no-adapter engine's steps bound it too):", "",
+                  "possible when all requests arrive at once with that many adapters resident (sum over adapters of "
+                  "their longest output / adapters resident at most; the no-adapter engine's steps bound it too):", "",
               "| n | engine steps | no-adapter steps | slot-time bound | engine steps / bound | "
               "engine ms / step | no-adapter ms / step |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -656,6 +691,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as root:
         start = time.perf_counter()
         base = build_base(args)
+        args.lora_bytes = slot_memory(args.lora_memory, base)
+        args.resident = resident_bound(args, base)
         paths = write_adapters(base, root, max(args.adapters), args)
         setup_s = time.perf_counter() - start
         for n in args.adapters:

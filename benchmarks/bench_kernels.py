@@ -19,7 +19,9 @@ neither sorted nor contiguous. Row choices, weights and activations come from fi
 
 CPU contestants (fp32):
   ours        `TorchBackend().add_lora` with a `TokenMapping` built outside the timed region, as the
-              model builds it once per forward call and shares it across layers
+              model builds it once per forward call and shares it across layers, on a `SlotBank` laid
+              out as the slot memory lays it out (each adapter at its own rank, packed: the
+              byte-budgeted layout; `--slot-rank` pads only the baselines' slot tensors)
   peft_loop   what PEFT's `adapter_names` does in each layer: a Python loop over the distinct adapters
               of the batch, indexing each one's rows out of x and adding its delta back into y
   gather_bmm  gather every row's whole (padded) slot weights, then two batched matmuls
@@ -73,7 +75,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from multilora_plugin import BatchMapping
-from multilora_plugin.kernels import TorchBackend
+from multilora_plugin.kernels import SlotBank, TorchBackend
 from multilora_plugin.mapping import TokenMapping
 
 SHAPES = ("4096x4096", "4096x11008")
@@ -205,6 +207,7 @@ class Workload:
     lora_b: torch.Tensor  # [S, out, R]
     lora_ranks: torch.Tensor  # [S] int32, on the device like the model's buffer
     tokens: TokenMapping  # built once, outside the timed region
+    bank: SlotBank  # the same pairs as the slot memory holds them: each at its own rank, packed
 
     @property
     def adapters_used(self) -> int:
@@ -222,14 +225,14 @@ def minimal_bytes(batch: int, d_in: int, d_out: int, adapters: int, rank: int, e
 
 def make_ours(w: Workload) -> Callable:
     backend = TorchBackend()
-    return lambda y: backend.add_lora(y, w.x, w.lora_a, w.lora_b, w.lora_ranks, w.tokens)
+    return lambda y: backend.add_lora(y, w.x, w.bank, w.tokens)
 
 
 def make_triton(w: Workload) -> Callable:
     from multilora_plugin.kernels.triton_ops import TritonBackend  # imports triton: only on the GPU path
 
     backend = TritonBackend()
-    return lambda y: backend.add_lora(y, w.x, w.lora_a, w.lora_b, w.lora_ranks, w.tokens)
+    return lambda y: backend.add_lora(y, w.x, w.bank, w.tokens)
 
 
 def make_peft_loop(w: Workload) -> Callable:
@@ -367,6 +370,7 @@ def sweep(suite: Suite, args) -> List[dict]:
             a, b, ranks = make_weights(num_slots, rank, args.slot_rank or rank, d_in, d_out, args.seed)
             a, b = a.to(suite.device, suite.dtype), b.to(suite.device, suite.dtype)
             ranks = ranks.to(suite.device)
+            bank = SlotBank.from_padded(a, b, ranks)
             for batch in args.batches:
                 gen = torch.Generator().manual_seed(args.seed + 2)
                 x = torch.randn(batch, d_in, generator=gen).to(suite.device, suite.dtype)  # [T, in]
@@ -374,7 +378,7 @@ def sweep(suite: Suite, args) -> List[dict]:
                 for pattern in args.patterns:
                     rows = tuple(slot_of[k] for k in row_adapters(pattern, batch, args.seed))
                     tokens = BatchMapping(rows, num_slots).tokens(batch, torch.device(suite.device))
-                    w = Workload(rows, x, y, a, b, ranks, tokens)
+                    w = Workload(rows, x, y, a, b, ranks, tokens, bank)
                     result = run_config(suite, w, (d_in, d_out), rank, pattern, args)
                     results.append(result)
                     times = " ".join(f"{n} {us:.1f}" for n, us in result["us"].items())

@@ -145,7 +145,8 @@ def _serve_local(engine_args, args: argparse.Namespace) -> int:
     where = ("transformers' continuous batching" if args.engine == "transformers"
              else "in its own process" if args.engine_process else "in this process")
     print(f"serving {engine_args.model_name!r} with {len(app.state.server.backend.adapters())} adapters, "
-          f"max_loras={engine_args.max_loras} on http://{args.host}:{args.port} (engine {where})")
+          f"lora_memory={engine_args.lora_memory or 'default'}, max_loras={engine_args.max_loras or 'as fit'} "
+          f"on http://{args.host}:{args.port} (engine {where})")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     try:
         server.run()

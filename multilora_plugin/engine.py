@@ -84,7 +84,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.cache = model.adapter_cache
-        self.num_slots = model.multilora_config.max_loras
+        self.num_slots = model.multilora_config.num_slots
         self.scheduler = Scheduler(SchedulerConfig(max_loras=self.num_slots, **engine_args),
                                    adapter_exists=self.cache.__contains__, residency=self.cache.residency)
         config = model.config

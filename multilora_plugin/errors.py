@@ -44,7 +44,11 @@ class IncompatibleAdapterError(MultiLoRAError, ValueError):
 
 
 class CapacityError(MultiLoRAError, RuntimeError):
-    """More distinct adapters are needed at once than there are slots."""
+    """More distinct adapters (or more of their bytes) are needed at once than the slot tier holds."""
+
+
+class AdapterTooLargeError(IncompatibleAdapterError):
+    """One adapter alone needs more slot memory than the whole budget (`lora_memory`)."""
 
 
 class KernelInputError(MultiLoRAError, ValueError):

@@ -9,8 +9,8 @@ projection becomes
     proj_e(x) = base_e(x) + scale * B_e @ A_e @ x          A_e: [r, in], B_e: [out, r]
 
 `MultiLoRAExperts` keeps the experts module as `base_layer` and one `ExpertsLoRA` per targeted
-parameter: slot buffers of every expert of every slot, seen by the kernels as `S * E` virtual slots
-(slot s, expert e → s * E + e). A forward in which no token has an adapter for these experts runs
+parameter: every expert's pair of every slot (views into slot memory at the adapter's rank), seen by
+the kernels as `S * E` virtual slots (slot s, expert e → s * E + e). A forward in which no token has an adapter for these experts runs
 the model's own experts implementation (eager, grouped_mm, batched_mm, ...) untouched. Otherwise the
 routed (token, expert) pairs are sorted by expert, each projection is the base matmul of each
 expert's run of pairs plus the LoRA delta of each pair's (slot, expert), grouped by virtual slot as
@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IncompatibleAdapterError
+from .kernels.bank import SlotBank
+from .layers import copy_pair, pair_pieces
 from .mapping import ForwardContext, grouped_token_mapping
 
 
@@ -60,45 +62,37 @@ def projection_shape(experts: nn.Module, name: str) -> tuple:
 
 
 class ExpertsLoRA(nn.Module):
-    """The slot buffers of one expert projection: every expert's A/B of every slot."""
+    """The slot views of one expert projection: every expert's A/B of every slot, as a `SlotBank` of
+    `S * E` virtual slots."""
 
-    def __init__(self, num_slots: int, num_experts: int, max_lora_rank: int, in_features: int, out_features: int,
+    def __init__(self, num_slots: int, num_experts: int, in_features: int, out_features: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
-        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
-        virtual = num_slots * num_experts
-        self.register_buffer("lora_a", torch.zeros(virtual, max_lora_rank, in_features, device=device, dtype=dtype),
-                             persistent=False)  # [S * E, R, in]
-        self.register_buffer("lora_b", torch.zeros(virtual, out_features, max_lora_rank, device=device, dtype=dtype),
-                             persistent=False)  # [S * E, out, R]
-        self.register_buffer("lora_ranks", torch.zeros(virtual, device=device, dtype=torch.int32),
-                             persistent=False)  # [S * E]
-        self.host_ranks = [0] * virtual
+        self.num_experts, self.in_features, self.out_features, self.dtype = num_experts, in_features, out_features, dtype
+        self.bank = SlotBank(num_slots * num_experts, in_features, out_features, device, dtype)
         self.slot_ranks = [0] * num_slots  # rank per (real) slot, 0 = the slot's adapter leaves it alone
 
-    @torch.no_grad()
-    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
-                   non_blocking: bool = False) -> None:
-        """Put an adapter's `a` [E, r, in] and scaled `b` [E, out, r] in `slot`; None empties it."""
-        rows = slice(slot * self.num_experts, (slot + 1) * self.num_experts)
-        self.lora_a[rows].zero_()
-        self.lora_b[rows].zero_()
-        rank = 0 if a is None else a.shape[1]
-        if rank:
-            self.lora_a[rows, :rank].copy_(a, non_blocking=non_blocking)
-            self.lora_b[rows, :, :rank].copy_(b, non_blocking=non_blocking)
-        self.lora_ranks[rows].fill_(rank)
-        self.host_ranks[rows] = [rank] * self.num_experts
-        self.slot_ranks[slot] = rank
+    def slot_pieces(self, w) -> dict:
+        """"a" [E, r, in] and "b" [E, r, out] (B transposed) at the adapter's rank."""
+        return pair_pieces(w, self.in_features, self.out_features, self.dtype, self.bank.device)
 
-    def slot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.lora_ranks))
+    def bind(self, slot: int, views: dict) -> None:
+        a, b = views.get("a"), views.get("b")
+        for e in range(self.num_experts):
+            self.bank.bind(slot * self.num_experts + e, None if a is None else a[e], None if b is None else b[e])
+        self.slot_ranks[slot] = 0 if a is None else a.shape[1]
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, w, views: dict, non_blocking: bool = False) -> None:
+        """Put an adapter's `a` [E, r, in] and scaled `b` [E, out, r] in `slot`'s views; none empties it."""
+        self.bind(slot, views)
+        copy_pair(views, w, non_blocking)
 
 
 class MultiLoRAExperts(nn.Module):
     """A fused-experts module whose projections take each token's adapter, per routed expert."""
 
-    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend,
+    def __init__(self, base_layer: nn.Module, num_slots: int, context: ForwardContext, backend,
                  compute_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -110,8 +104,7 @@ class MultiLoRAExperts(nn.Module):
             weight = getattr(base_layer, name)
             dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
             num, in_features, out_features = projection_shape(base_layer, name)
-            self.lora[name] = ExpertsLoRA(max_loras, num, max_lora_rank, in_features, out_features,
-                                          weight.device, dtype)
+            self.lora[name] = ExpertsLoRA(num_slots, num, in_features, out_features, weight.device, dtype)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mapping = self.context.mapping
@@ -178,12 +171,8 @@ class MultiLoRAExperts(nn.Module):
         y = torch.cat(parts)  # [P, out]
         lora = self.lora[name] if name in self.lora else None
         if lora is not None and pairs.segments:
-            self.backend.add_lora(y, x.to(lora.lora_a.dtype), lora.lora_a, lora.lora_b, lora.lora_ranks, pairs,
-                                  host_ranks=lora.host_ranks)
+            self.backend.add_lora(y, x.to(lora.dtype), lora.bank, pairs)
         return y
-
-    def slot_bytes(self) -> int:
-        return sum(lora.slot_bytes() for lora in self.lora.values())
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, projections={list(self.lora)}"

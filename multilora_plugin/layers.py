@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .dora import magnitude_gain
+from .kernels.bank import SlotBank
 from .mapping import ForwardContext
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -23,43 +24,32 @@ def linear_shape(layer: nn.Module) -> tuple:
     raise TypeError(f"expected nn.Linear or transformers Conv1D, but got {type(layer).__name__}")
 
 
-def add_slot_buffers(module: nn.Module, max_loras: int, max_lora_rank: int, in_features: int, out_features: int,
-                     device: torch.device, dtype: torch.dtype) -> None:
-    """Register a linear map's slot buffers on `module`: `lora_a` [S, R, in], `lora_b` [S, out, R],
-    `lora_ranks` [S], and `host_ranks` (the same ranks on the host, so no layer waits for the device)."""
-    module.register_buffer("lora_a", torch.zeros(max_loras, max_lora_rank, in_features, device=device, dtype=dtype),
-                           persistent=False)
-    module.register_buffer("lora_b", torch.zeros(max_loras, out_features, max_lora_rank, device=device, dtype=dtype),
-                           persistent=False)
-    module.register_buffer("lora_ranks", torch.zeros(max_loras, device=device, dtype=torch.int32), persistent=False)
-    module.host_ranks = [0] * max_loras
+def pair_pieces(w, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The slot pieces of one LoRA pair at its rank r: "a" [r, in] and "b" [r, out] (B transposed)."""
+    rank = 0 if w is None or w.a is None else w.a.shape[-2]
+    if not rank:
+        return {}
+    lead = tuple(w.a.shape[:-2])  # () for a linear map, (E,) for fused experts
+    return {"a": (lead + (rank, in_features), dtype, device), "b": (lead + (rank, out_features), dtype, device)}
 
 
 @torch.no_grad()
-def write_slot(module: nn.Module, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
-               non_blocking: bool = False) -> None:
-    """`a` [r, in] and scaled `b` [out, r] into slot `slot` of buffers made by `add_slot_buffers`
-    (None empties it)."""
-    module.lora_a[slot].zero_()
-    module.lora_b[slot].zero_()
-    rank = 0 if a is None else a.shape[0]
-    if rank:
-        module.lora_a[slot, :rank].copy_(a, non_blocking=non_blocking)
-        module.lora_b[slot, :, :rank].copy_(b, non_blocking=non_blocking)
-    module.lora_ranks[slot].fill_(rank)
-    module.host_ranks[slot] = rank
+def copy_pair(views: dict, w, non_blocking: bool = False) -> None:
+    """`w.a` [..., r, in] and scaled `w.b` [..., out, r] into a slot's "a" and "b" ([..., r, out]) views."""
+    if "a" in views:
+        views["a"].copy_(w.a, non_blocking=non_blocking)
+        views["b"].copy_(w.b.transpose(-1, -2), non_blocking=non_blocking)
 
 
 class MultiLoRALinear(nn.Module):
     """y = base_layer(x) + the LoRA delta of each row's slot.
 
-    Slot buffers are padded to `max_lora_rank`; `lora_ranks[s]` is the true rank in slot s (0 = empty
-    or not targeted by the adapter in that slot), and kernels never read past it. Zero padding adds
-    exactly zero, so rows of slot s get the adapter's exact delta and rows of slot -1 get exactly
-    `base_layer(x)`.
+    Each slot's A and Bᵀ are views at the adapter's own rank (`bank`, a `SlotBank`), placed by the
+    model's slot memory; rank 0 (an empty slot, or an adapter that leaves this layer alone) adds
+    nothing, and rows of slot -1 get exactly `base_layer(x)`.
     """
 
-    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend,
+    def __init__(self, base_layer: nn.Module, num_slots: int, context: ForwardContext, backend,
                  compute_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.base_layer = base_layer
@@ -67,35 +57,36 @@ class MultiLoRALinear(nn.Module):
         weight = base_layer.weight
         # a quantized base (bitsandbytes' uint8 / int8 weights) keeps its own forward; the LoRA delta
         # runs in the model's compute dtype
-        dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
-        add_slot_buffers(self, max_loras, max_lora_rank, self.in_features, self.out_features, weight.device, dtype)
-        # per-slot terms added to each row of that slot's tokens (row S stays zero: slot -1 reads it):
-        # DoRA's g - 1, which rescales the base output, and LoRA biases (`lora_bias=True`), scaled;
-        # [S + 1, out] each, allocated when the first adapter that has one is written
-        for name in ("row_gain", "row_bias"):
-            self.register_buffer(name, torch.zeros(max_loras + 1, 0, device=weight.device, dtype=dtype),
-                                 persistent=False)
-        self.host_terms = [(False, False)] * max_loras  # (has DoRA, has a bias) per slot, on the host
+        self.dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
+        self.bank = SlotBank(num_slots, self.in_features, self.out_features, weight.device, self.dtype)
+        # per-slot terms added to each row of that slot's tokens: DoRA's g - 1, which rescales the base
+        # output, and LoRA biases (`lora_bias=True`), scaled; [out] views or None
+        self.gains: list = [None] * num_slots
+        self.biases: list = [None] * num_slots
         self.context = context
         self.backend = backend
         self.head = False  # the output embedding: in transformers' continuous batching it sees the kept rows only
+
+    @property
+    def device(self) -> torch.device:
+        return self.bank.device
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         mapping = self.context.mapping
         if mapping is None or not mapping.has_lora:
             return y
-        x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [T, in]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype)  # [T, in]
         tokens = (mapping.head_tokens if self.head else mapping.tokens)(x2.shape[0], x.device)
         rows = self._row_terms(y.view(-1, self.out_features), tokens)  # computed from the base output
-        if y.dtype == self.lora_a.dtype:
+        if y.dtype == self.dtype:
             y2 = y.view(-1, self.out_features)  # [T, out], a view: the delta lands in y
-            self.backend.add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
+            self.backend.add_lora(y2, x2, self.bank, tokens)
             if rows is not None:
                 y2.add_(rows)
             return y
-        delta = torch.zeros(x2.shape[0], self.out_features, device=y.device, dtype=self.lora_a.dtype)  # [T, out]
-        self.backend.add_lora(delta, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens, host_ranks=self.host_ranks)
+        delta = torch.zeros(x2.shape[0], self.out_features, device=y.device, dtype=self.dtype)  # [T, out]
+        self.backend.add_lora(delta, x2, self.bank, tokens)
         if rows is not None:
             delta.add_(rows)
         return y + delta.view(y.shape).to(y.dtype)
@@ -103,53 +94,57 @@ class MultiLoRALinear(nn.Module):
     def _row_terms(self, y2: torch.Tensor, tokens) -> Optional[torch.Tensor]:
         """[T, out]: DoRA's (g - 1) * (base output - bias) plus the LoRA bias of every token's slot; None
         when no slot of the batch has either."""
-        terms = [self.host_terms[s] for s, _, _ in tokens.segments]
-        dora, bias = any(t[0] for t in terms), any(t[1] for t in terms)
-        if not (dora or bias):
+        segments = [seg for seg in tokens.segments
+                    if self.gains[seg[0]] is not None or self.biases[seg[0]] is not None]
+        if not segments:
             return None
-        slots = tokens.token_slots.long()  # [T]; -1 reads row S, zero
-        out = None
-        if dora:
-            base = y2.to(self.row_gain.dtype)
-            base_bias = getattr(self.base_layer, "bias", None)
-            if base_bias is not None:
-                base = base - base_bias.to(base.dtype)
-            out = self.row_gain[slots] * base
-        if bias:
-            out = self.row_bias[slots] if out is None else out + self.row_bias[slots]
+        out = torch.zeros(y2.shape[0], self.out_features, device=y2.device, dtype=self.dtype)
+        base_bias = getattr(self.base_layer, "bias", None)
+        for slot, start, end in segments:
+            rows = tokens.index[start:end].long()
+            term = 0
+            if self.gains[slot] is not None:
+                base = y2.index_select(0, rows).to(self.dtype)
+                if base_bias is not None:
+                    base = base - base_bias.to(self.dtype)
+                term = self.gains[slot] * base
+            if self.biases[slot] is not None:
+                term = term + self.biases[slot]
+            out.index_copy_(0, rows, torch.broadcast_to(term, (end - start, self.out_features)).contiguous())
         return out
 
-    @torch.no_grad()
-    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
-                   non_blocking: bool = False, magnitude: Optional[torch.Tensor] = None,
-                   bias: Optional[torch.Tensor] = None) -> None:
-        """Put an adapter's `a` [r, in] and scaled `b` [out, r] in `slot`; None empties the slot.
-        `magnitude` [out]: DoRA's (its rescale is folded in here); `bias` [out]: a scaled LoRA bias.
-        `non_blocking` copies from pinned CPU memory without waiting (CUDA)."""
-        write_slot(self, slot, a, b, non_blocking)
-        if (magnitude is not None or bias is not None) and not self.row_gain.shape[1]:
-            self.row_gain = self.row_gain.new_zeros(self.row_gain.shape[0], self.out_features)
-            self.row_bias = self.row_bias.new_zeros(self.row_bias.shape[0], self.out_features)
-        self.row_gain[slot].zero_()
-        self.row_bias[slot].zero_()
-        if magnitude is not None and a is not None:
-            rank = a.shape[0]
-            gain = magnitude_gain(self.base_layer, self.lora_a[slot, :rank], self.lora_b[slot, :, :rank],
-                                  magnitude.to(self.lora_a.device, non_blocking=non_blocking))
-            self.lora_b[slot, :, :rank].mul_(gain.unsqueeze(1).to(self.lora_b.dtype))
-            self.row_gain[slot].copy_(gain - 1)
-        if bias is not None:
-            self.row_bias[slot].copy_(bias, non_blocking=non_blocking)
-        self.host_terms[slot] = (magnitude is not None and a is not None, bias is not None)
+    def slot_pieces(self, w) -> dict:
+        """What an adapter's weights for this layer take in slot memory."""
+        pieces = pair_pieces(w, self.in_features, self.out_features, self.dtype, self.device)
+        for name, piece in (("magnitude", "gain"), ("bias", "bias")):
+            if pieces and name in w.extra:
+                pieces[piece] = ((self.out_features,), self.dtype, self.device)
+        return pieces
 
-    def slot_bytes(self) -> int:
-        """Memory the slot buffers reserve."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.lora_a, self.lora_b, self.lora_ranks, self.row_gain, self.row_bias))
+    def bind(self, slot: int, views: dict) -> None:
+        """Point slot `slot` at `views` (a write's, or the same data after the slot memory moved it)."""
+        self.bank.bind(slot, views.get("a"), views.get("b"))
+        self.gains[slot], self.biases[slot] = views.get("gain"), views.get("bias")
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, w, views: dict, non_blocking: bool = False) -> None:
+        """Put an adapter's weights for this layer (`ModuleWeights`: `a` [r, in], scaled `b` [out, r],
+        DoRA's "magnitude" [out], a scaled "bias" [out]) into its slot `views`; None empties the slot.
+        DoRA's rescale of B is folded in here. `non_blocking` copies from pinned CPU memory (CUDA)."""
+        self.bind(slot, views)
+        if not views:
+            return
+        copy_pair(views, w, non_blocking)
+        if "gain" in views:
+            g = magnitude_gain(self.base_layer, views["a"], views["b"].T,
+                               w.extra["magnitude"].to(self.device, non_blocking=non_blocking))
+            views["b"].mul_(g.unsqueeze(0).to(self.dtype))
+            views["gain"].copy_(g - 1)
+        if "bias" in views:
+            views["bias"].copy_(w.extra["bias"], non_blocking=non_blocking)
 
     def extra_repr(self) -> str:
-        slots, rank, _ = self.lora_a.shape
-        return f"in_features={self.in_features}, out_features={self.out_features}, slots={slots}, max_rank={rank}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.bank.num_slots}"
 
 
 def swap_modules(

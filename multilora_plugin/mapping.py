@@ -43,17 +43,18 @@ class TokenMapping:
     seg_slots: torch.Tensor  # [G] int32: slot of each segment
     seg_starts: torch.Tensor  # [G] int32: first position of each segment in `index`
     seg_lens: torch.Tensor  # [G] int32: tokens in each segment
-    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # slot_mask's, by its arguments
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # rank_mask's, by its arguments
 
-    def slot_mask(self, first: int, n: int, r: int, dtype: torch.dtype) -> torch.Tensor:
-        """[T, n * r] of 1 where token t belongs to slot first + j (columns j * r ... j * r + r - 1),
-        else 0: built once per forward and shape, shared by every layer."""
-        key = (first, n, r, dtype)
+    def rank_mask(self, slot_ranks: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """[T, Σr] of 1 where token t belongs to the slot that owns the column, for `slot_ranks`
+        ((slot, r), ...): r columns per slot, in that order; built once per forward, shared by every
+        layer whose batch ranks are the same."""
+        key = ("ranks", slot_ranks, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            slots = torch.arange(first, first + n, device=self.token_slots.device, dtype=torch.int32)
-            mask = (self.token_slots.unsqueeze(1) == slots).to(dtype)  # [T, n]
-            mask = self._masks[key] = mask.repeat_interleave(r, dim=1)  # [T, n * r]
+            device = self.token_slots.device
+            owners = torch.tensor([s for s, r in slot_ranks for _ in range(r)], device=device, dtype=torch.int32)
+            mask = self._masks[key] = (self.token_slots.unsqueeze(1) == owners).to(dtype)  # [T, Σr]
         return mask
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -32,6 +33,10 @@ from .layers import LINEAR_TYPES, MultiLoRALinear, linear_shape, swap_modules
 from .router import MultiLoRARouter, find_routers
 from .saved import SUFFIX, MultiLoRASaved, copied_modules, per_token, saved_parameters
 from .mapping import BatchMapping, ForwardContext, PackedMapping, expand_rows
+from .adapters.slots import human_bytes
+from .slot_memory import SlotMemory, default_budget
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class MultiLoRAModel(nn.Module):
         if refused:
             raise WrapError(f"`modules_to_save` should name linear layers, embeddings or norms, whose copies "
                             f"work token by token, but {refused[0]!r} is a {type(copies[refused[0]]).__name__}")
-        slots = (config.max_loras, config.max_lora_rank, self._context, self._backend)
+        slots = (config.num_slots, self._context, self._backend)
 
         def make(name: str, layer: nn.Module) -> Optional[nn.Module]:
             """The one place where kinds of layer are chosen: linear layers, fused MoE experts, routers, the
@@ -135,7 +140,7 @@ class MultiLoRAModel(nn.Module):
         # the modules whose per-adapter copies are served wrap whatever is there now (a LoRA layer or not)
         self._saved = {}
         for name, original in copies.items():
-            self._saved[name] = MultiLoRASaved(model.get_submodule(name), original, config.max_loras, self._context,
+            self._saved[name] = MultiLoRASaved(model.get_submodule(name), original, config.num_slots, self._context,
                                                head=name == self._output_embedding)
             model.set_submodule(name, self._saved[name])
         # what slots are written into: {target name: layer}, an experts module's projections by parameter
@@ -163,12 +168,20 @@ class MultiLoRAModel(nn.Module):
         )
         device = first.device if first is not None else torch.device("cpu")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        budget = config.lora_memory if config.lora_memory is not None else default_budget(device)
+        logger.info("slot memory: %s for adapters in slots (%s), at most %d of them", human_bytes(budget),
+                    "lora_memory" if config.lora_memory is not None else f"default on {device.type}",
+                    config.num_slots)
+        self._slot_memory = SlotMemory(budget, self._targets)
         self._cache = AdapterCache(
-            num_slots=config.max_loras,
+            num_slots=config.num_slots,
             max_cpu_loras=config.max_cpu_loras,
             read=self._read_weights,
             write=self._write_slots,
-            slot_buffer_bytes=lambda: sum(target.slot_bytes() for target in self._targets.values()),
+            capacity=budget,
+            size=self._slot_memory.size,
+            memory=lambda: {"reserved": self._slot_memory.reserved(),
+                            "fragmentation": self._slot_memory.fragmentation()},
         )
         self._last_mapping: Optional[BatchMapping] = None
         # source → a PEFT state dict or None (read the adapter's directory); an engine sets it to its
@@ -270,7 +283,8 @@ class MultiLoRAModel(nn.Module):
         return self._cache.state(name)
 
     def memory_stats(self) -> CacheStats:
-        """Bytes per tier and cache counters (hits, misses, loads, evictions, slot swaps)."""
+        """Bytes per tier (slot memory used, free and its fragmentation; CPU) and cache counters (hits,
+        misses, loads, evictions, slot swaps)."""
         return self._cache.stats()
 
     def slot_contents(self) -> tuple:
@@ -291,11 +305,7 @@ class MultiLoRAModel(nn.Module):
             current = torch.cuda.current_stream(stream.device)
             stream.wait_stream(current)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for slot, weights in writes:
-                for name, layer in self._targets.items():
-                    w = weights.modules.get(name) if weights is not None else None
-                    layer.write_slot(slot, None if w is None else w.a, None if w is None else w.b,
-                                     non_blocking=stream is not None, **({} if w is None else w.extra))
+            self._slot_memory.write(writes, non_blocking=stream is not None)
         if stream is not None:
             current.wait_stream(stream)
 
@@ -321,7 +331,7 @@ class MultiLoRAModel(nn.Module):
             return None
         last = self._last_mapping
         if last is None or last.row_slots != row_slots:  # decode steps reuse one mapping
-            last = self._last_mapping = BatchMapping(row_slots, self.multilora_config.max_loras)
+            last = self._last_mapping = BatchMapping(row_slots, self.multilora_config.num_slots)
         return last
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -342,9 +352,10 @@ class MultiLoRAModel(nn.Module):
         return args, kwargs
 
     def _check_mapping(self, mapping: BatchMapping, batch: Optional[int]) -> BatchMapping:
-        if not isinstance(mapping, (BatchMapping, PackedMapping)) or mapping.num_slots != self.multilora_config.max_loras:
+        num_slots = self.multilora_config.num_slots
+        if not isinstance(mapping, (BatchMapping, PackedMapping)) or mapping.num_slots != num_slots:
             raise InvalidRequestError(f"`lora_mapping` should be a BatchMapping or PackedMapping over this model's "
-                                      f"{self.multilora_config.max_loras} slots, but got {mapping!r}")
+                                      f"{num_slots} slots, but got {mapping!r}")
         if batch is not None and mapping.num_rows != batch:
             raise InvalidRequestError(f"`lora_mapping` should map each of the {batch} input rows, "
                                       f"but maps {mapping.num_rows}")

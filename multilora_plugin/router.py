@@ -22,7 +22,8 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import IncompatibleAdapterError
 from .experts import is_fused_experts
-from .layers import LINEAR_TYPES, add_slot_buffers, write_slot
+from .kernels.bank import SlotBank
+from .layers import LINEAR_TYPES, copy_pair, pair_pieces
 from .mapping import ForwardContext
 
 
@@ -71,38 +72,40 @@ class _AddDelta(TorchFunctionMode):
 
 
 class MultiLoRARouter(nn.Module):
-    """A MoE router whose logits take each token's LoRA delta; slot buffers as in `MultiLoRALinear`."""
+    """A MoE router whose logits take each token's LoRA delta; slot views as in `MultiLoRALinear`."""
 
-    def __init__(self, base_layer: nn.Module, max_loras: int, max_lora_rank: int, context: ForwardContext, backend,
+    def __init__(self, base_layer: nn.Module, num_slots: int, context: ForwardContext, backend,
                  compute_dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         weight = base_layer.weight
         self.out_features, self.in_features = weight.shape
-        add_slot_buffers(self, max_loras, max_lora_rank, self.in_features, self.out_features, weight.device,
-                         weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype)
+        self.dtype = weight.dtype if weight.dtype.is_floating_point or compute_dtype is None else compute_dtype
+        self.bank = SlotBank(num_slots, self.in_features, self.out_features, weight.device, self.dtype)
         self.context, self.backend = context, backend
 
-    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor],
-                   non_blocking: bool = False) -> None:
-        write_slot(self, slot, a, b, non_blocking)
+    def slot_pieces(self, w) -> dict:
+        return pair_pieces(w, self.in_features, self.out_features, self.dtype, self.bank.device)
 
-    def slot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.lora_a, self.lora_b, self.lora_ranks))
+    def bind(self, slot: int, views: dict) -> None:
+        self.bank.bind(slot, views.get("a"), views.get("b"))
+
+    def write_slot(self, slot: int, w, views: dict, non_blocking: bool = False) -> None:
+        self.bind(slot, views)
+        copy_pair(views, w, non_blocking)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         mapping = self.context.mapping
         if mapping is None:
             return self.base_layer(hidden_states, *args, **kwargs)
         tokens = mapping.tokens(hidden_states.numel() // self.in_features, hidden_states.device)
-        if not any(self.host_ranks[s] for s, _, _ in tokens.segments):
+        if not any(self.bank.host_ranks[s] for s, _, _ in tokens.segments):
             return self.base_layer(hidden_states, *args, **kwargs)
 
         def delta(x: torch.Tensor) -> torch.Tensor:  # [..., in] → [..., out]
-            x2 = x.reshape(-1, self.in_features).to(self.lora_a.dtype)  # [T, in]
-            out = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=self.lora_a.dtype)
-            self.backend.add_lora(out, x2, self.lora_a, self.lora_b, self.lora_ranks, tokens,
-                                  host_ranks=self.host_ranks)
+            x2 = x.reshape(-1, self.in_features).to(self.dtype)  # [T, in]
+            out = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=self.dtype)
+            self.backend.add_lora(out, x2, self.bank, tokens)
             return out.view(*x.shape[:-1], self.out_features)
 
         mode = _AddDelta(self.base_layer.weight, delta)

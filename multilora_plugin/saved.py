@@ -67,15 +67,15 @@ def saved_parameters(module: nn.Module) -> dict:
 class MultiLoRASaved(nn.Module):
     """A module whose rows take their adapter's full copy of it, if that adapter saved one."""
 
-    def __init__(self, base_layer: nn.Module, original: nn.Module, max_loras: int, context: ForwardContext,
+    def __init__(self, base_layer: nn.Module, original: nn.Module, num_slots: int, context: ForwardContext,
                  head: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         # the module whose parameters a copy replaces: base_layer itself or the one a LoRA layer wraps
         # (not registered again as a submodule, so the state dict names it once)
         object.__setattr__(self, "original", original)
-        self.copies: list = [None] * max_loras  # per slot: {parameter name: tensor} or None
-        self.columns: list = [None] * max_loras  # per slot: tied trainable tokens (ids [n], rows [n, in]) or None
+        self.copies: list = [None] * num_slots  # per slot: {parameter name: tensor} or None
+        self.columns: list = [None] * num_slots  # per slot: tied trainable tokens (ids [n], rows [n, in]) or None
         self.context = context
         self.head = head  # the output embedding: in transformers' continuous batching it sees the kept rows only
 
@@ -87,29 +87,37 @@ class MultiLoRASaved(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    @torch.no_grad()
-    def write_slot(self, slot: int, a: Optional[torch.Tensor], b: Optional[torch.Tensor], non_blocking: bool = False,
-                   token_indices: Optional[torch.Tensor] = None, token_values: Optional[torch.Tensor] = None,
-                   **params: torch.Tensor) -> None:
-        """Put an adapter's copy ({parameter name: tensor}, as saved) in `slot`, or the rows its tied
-        trainable tokens give the output embedding (`token_indices` [n], `token_values` [n, in]); none
-        empties it. A copy holds no LoRA pair (`a`, `b` are None)."""
-        if a is not None or b is not None:
+    def slot_pieces(self, w) -> dict:
+        """A copy's parameters at their own shapes and dtypes, or the ids [n] and rows [n, in] of tied
+        trainable tokens."""
+        if w.a is not None or w.b is not None:
             raise ValueError("a module copy holds no LoRA pair")
-        self.columns[slot] = None
-        if token_indices is not None:
-            weight = self.original.weight
-            self.columns[slot] = (token_indices.to(weight.device, torch.int64, non_blocking=non_blocking),
-                                  token_values.to(weight.device, weight.dtype, non_blocking=non_blocking))
-        own = {n: self.original.get_parameter(n) for n in params}
-        self.copies[slot] = {n: t.to(own[n].device, own[n].dtype, non_blocking=non_blocking)
-                             for n, t in params.items()} or None
+        weight = self.original.weight
+        pieces = {}
+        for name, t in w.extra.items():
+            if name == "token_indices":
+                pieces[name] = (tuple(t.shape), torch.int64, weight.device)
+            elif name == "token_values":
+                pieces[name] = (tuple(t.shape), weight.dtype, weight.device)
+            else:
+                own = self.original.get_parameter(name)
+                pieces[name] = (tuple(t.shape), own.dtype, own.device)
+        return pieces
 
-    def slot_bytes(self) -> int:
-        """The copies held in slots now."""
-        held = [t for c in self.copies if c is not None for t in c.values()]
-        held += [t for c in self.columns if c is not None for t in c]
-        return sum(t.numel() * t.element_size() for t in held)
+    def bind(self, slot: int, views: dict) -> None:
+        views = dict(views)
+        ids, rows = views.pop("token_indices", None), views.pop("token_values", None)
+        self.columns[slot] = None if ids is None else (ids, rows)
+        self.copies[slot] = views or None
+
+    @torch.no_grad()
+    def write_slot(self, slot: int, w, views: dict, non_blocking: bool = False) -> None:
+        """Put an adapter's copy ({parameter name: tensor}, as saved) in `slot`'s views, or the rows its
+        tied trainable tokens give the output embedding ("token_indices" [n], "token_values" [n, in]);
+        None empties it."""
+        self.bind(slot, views)
+        for name, view in views.items():
+            view.copy_(w.extra[name], non_blocking=non_blocking)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)

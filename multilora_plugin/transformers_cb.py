@@ -81,7 +81,7 @@ def init_continuous_batching(model, generation_config: Optional[GenerationConfig
     if generation_config.eos_token_id is None:  # as transformers: no EOS
         generation_config.eos_token_id = -1
     session = _Session(model, SchedulerConfig(
-        max_loras=model.multilora_config.max_loras, max_num_seqs=_UNBOUNDED, max_num_batched_tokens=_UNBOUNDED,
+        max_loras=model.multilora_config.num_slots, max_num_seqs=_UNBOUNDED, max_num_batched_tokens=_UNBOUNDED,
         max_total_tokens=_UNBOUNDED, policy=policy, max_wait_steps=max_wait_steps))
     config.scheduler_type = session.scheduler_name
     return LoRABatchingManager(session, generation_config, config, workload_hints)
@@ -231,7 +231,7 @@ class _Session:
     def __init__(self, model, gate_config: SchedulerConfig) -> None:
         self.model = model
         self.cache = model.adapter_cache
-        self.num_slots = model.multilora_config.max_loras
+        self.num_slots = model.multilora_config.num_slots
         self.gate_config = gate_config
         self.pending: Dict[str, Optional[str]] = {}  # request id → adapter, until the scheduler takes it
         self.mapping: Optional[PackedMapping] = None  # of the batch the scheduler made last

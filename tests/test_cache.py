@@ -264,7 +264,7 @@ def test_pinning_every_slot_is_refused():
 def test_capacity_error_holds_nothing():
     cache, _, _, _ = make_cache(2, 4)
     hold = cache.acquire(["a", "b"])
-    with pytest.raises(CapacityError, match=r"\['a', 'b'\] are pinned or in use"):
+    with pytest.raises(CapacityError, match=r"taken by \['a', 'b'\], pinned or in use"):
         cache.acquire(["c"])
     assert cache.stats().in_use == 2 and cache.contents() == ("a", "b")
     cache.release(hold)

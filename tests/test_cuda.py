@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from multilora_plugin import BatchMapping
-from multilora_plugin.kernels import add_lora_reference
+from multilora_plugin.kernels import SlotBank, add_lora_reference
 
 from .conftest import TRITON_MISSING, padded_batch
 
@@ -52,7 +52,7 @@ def test_triton_matches_the_reference_at_punica_shapes(dtype, shape, rank, rows,
     expected = y.float().clone()
     add_lora_reference(expected, x.float(), a.float(), b.float(), ranks, mapping.token_slots)
     got = y.clone()
-    TritonBackend().add_lora(got, x, a, b, ranks, mapping)
+    TritonBackend().add_lora(got, x, SlotBank.from_padded(a, b, ranks), mapping)
     base_rows = [i for i, s in enumerate(row_slots) if s < 0]
     for row in base_rows:  # rows without an adapter are never written
         part = slice(row * tokens_per_row, (row + 1) * tokens_per_row)

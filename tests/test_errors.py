@@ -185,7 +185,7 @@ def served(llama_kit, tmp_path_factory):
 
     # "mlp16_l1" targets up_proj, so serve a q/k/v adapter and an attention-only one instead
     peft_model = PeftModel.from_pretrained(llama_kit.fresh(), llama_kit.paths["attn8_rs"])
-    model = multilora_plugin.wrap(llama_kit.fresh(), max_loras=2, target_modules=PROJECTIONS_BUT_UP)
+    model = multilora_plugin.wrap(llama_kit.fresh(), max_loras=2, max_lora_rank=16, target_modules=PROJECTIONS_BUT_UP)
     model.load_adapter("attn", llama_kit.paths["attn8_rs"])
     model.load_adapter("regex", llama_kit.paths["regex_pat"])
     ids, _ = padded_batch(3, [5, 5, 5])
@@ -276,7 +276,9 @@ def test_unload_unknown(served):
     (dict(target_modules=[]), "non-empty list of module names"),
     (dict(max_loras=4, max_cpu_loras=2), "`max_cpu_loras` should be an int >= max_loras (4), as every adapter "
                                          "in a slot keeps its CPU copy, but got 2"),
-    (dict(max_cpu_loras=True), "`max_cpu_loras` should be an int >= max_loras (4)"),
+    (dict(max_cpu_loras=True), "`max_cpu_loras` should be an int >= the number of slots (256)"),
+    (dict(lora_memory="2 parsecs"), "`lora_memory` should be a number of bytes or a size such as '2GiB'"),
+    (dict(lora_memory=0), "`lora_memory` should be more than 0 bytes, but got 0"),
 ])
 def test_bad_wrap_settings(llama_kit, monkeypatch, kwargs, words):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

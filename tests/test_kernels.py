@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from multilora_plugin import BatchMapping
-from multilora_plugin.kernels import (TorchBackend, add_lora_reference, lora_expand_reference,
+from multilora_plugin.kernels import (SlotBank, TorchBackend, add_lora_reference, lora_expand_reference,
                                       lora_shrink_reference, torch_ops)
 
 from .conftest import kernel_backends
@@ -56,6 +56,11 @@ class Case:
     def base_rows(self):
         return [i for i, s in enumerate(self.token_slots.tolist()) if s < 0]
 
+    @property
+    def bank(self) -> SlotBank:
+        """The same pairs packed at their own ranks (nothing padded), as the slot memory holds them."""
+        return SlotBank.from_padded(self.lora_a, self.lora_b, self.lora_ranks)
+
 
 def make_case(rows, per_row, d_in, d_out, dtype, pattern, ranks=RANKS, seed=0) -> Case:
     """Slot buffers filled to each slot's rank with zeros after it, as `MultiLoRALinear` keeps them."""
@@ -79,7 +84,7 @@ def check_add_lora(backend, case: Case, dtype) -> None:
     want = case.y.clone()
     add_lora_reference(want, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.token_slots)
     got = case.y.clone()
-    backend.add_lora(got, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.tokens)
+    backend.add_lora(got, case.x, case.bank, case.tokens)
     torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
     base = case.base_rows()
     assert torch.equal(got[base], case.y[base])  # base rows are left bit-identical
@@ -113,12 +118,15 @@ def test_add_lora_odd_sizes(backend, d_in, d_out, rows, per_row):
 @pytest.mark.parametrize("rows,per_row", [(7, 1), (5, 4)])
 def test_shrink_then_expand(backend, pattern, rows, per_row):
     case = make_case(rows, per_row, 48, 80, torch.float32, pattern, seed=2)
-    h = backend.lora_shrink(case.x, case.lora_a, case.lora_ranks, case.tokens)
+    bank = case.bank
+    h = backend.lora_shrink(case.x, bank, case.tokens)
     want_h = lora_shrink_reference(case.x, case.lora_a, case.lora_ranks, case.token_slots)
-    assert h.dtype == torch.float32 and h.shape == (case.x.shape[0], MAX_RANK)
-    torch.testing.assert_close(h, want_h, atol=1e-4, rtol=1e-4)
+    rank = bank.max_rank(s for s, _, _ in case.tokens.segments)  # the batch's largest rank: h is no wider
+    assert h.dtype == torch.float32 and h.shape == (case.x.shape[0], rank)
+    torch.testing.assert_close(h, want_h[:, :rank], atol=1e-4, rtol=1e-4)
+    assert not want_h[:, rank:].any()
     got, want = case.y.clone(), case.y.clone()
-    backend.lora_expand(got, want_h, case.lora_b, case.lora_ranks, case.tokens)
+    backend.lora_expand(got, want_h[:, :rank], bank, case.tokens)
     lora_expand_reference(want, want_h, case.lora_b, case.lora_ranks, case.token_slots)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got[case.base_rows()], case.y[case.base_rows()])
@@ -130,27 +138,29 @@ def test_a_batch_of_only_base_rows_leaves_y_bit_identical(backend, per_row):
     case = make_case(6, per_row, 32, 32, torch.float32, "identical")
     case.row_slots = (-1,) * 6
     y = case.y.clone()
-    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.tokens)
+    backend.add_lora(y, case.x, case.bank, case.tokens)
     assert torch.equal(y, case.y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_padding_past_the_rank_is_never_read(backend):
-    """Garbage in the padding must not change the result, so a small rank in a big slot costs its rank.
-
-    Triton stops at each slot's rank; the torch backend at the largest rank in the batch (its stacked
-    and in-place paths read the zero padding of smaller slots up to that rank).
-    """
+def test_only_each_slots_own_rank_rows_are_read(backend):
+    """Each slot's pair is read up to its own rank: whatever lies around it in the storage (other
+    adapters, free memory) never changes the result, and a slot of rank 0 is never read."""
     case = make_case(9, 2, 64, 64, torch.float32, "uniform", ranks=(2, 8, 5, 0), seed=3)
     want = case.y.clone()
     add_lora_reference(want, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.token_slots)
-    largest = int(case.lora_ranks.max())
-    for s, r in enumerate(case.lora_ranks.tolist()):
-        limit = r if backend.name == "triton" else largest
-        case.lora_a[s, limit:] = float("nan")
-        case.lora_b[s, :, limit:] = float("nan")
+    d, ranks = 64, case.lora_ranks.tolist()
+    storage = torch.full((3 * sum(ranks) * 2 * d,), float("nan"))  # NaN between and around the pairs
+    bank, start = SlotBank(NUM_SLOTS, d, d, storage.device, storage.dtype), 7
+    for slot, r in enumerate(ranks):
+        a = storage[start:start + r * d].view(r, d)
+        b = storage[start + 2 * r * d + 3:start + 3 * r * d + 3].view(r, d)
+        a.copy_(case.lora_a[slot, :r])
+        b.copy_(case.lora_b[slot, :, :r].T)
+        bank.bind(slot, a, b)
+        start += 3 * r * d + 11
     got = case.y.clone()
-    backend.add_lora(got, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.tokens)
+    backend.add_lora(got, case.x, bank, case.tokens)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -179,7 +189,7 @@ def test_add_lora_explicit_decode_layouts(backend, row_slots):
 
 
 @pytest.mark.parametrize("rows,per_row,d,pattern,shape", [
-    (4, 1, 4096, "distinct", "in_place"),  # one token per slot over slots 0..3: the buffers serve in place
+    (4, 1, 4096, "distinct", "in_place"),  # one token per adapter, all of one rank: two batched matmuls
     (16, 1, 512, "distinct", "stacked"),  # decode over 4 adapters: two matmuls beat a loop over 4 segments
     (16, 1, 512, "identical", "segments"),  # one segment
     (64, 1, 4096, "uniform", "segments"),  # adapters shared by many tokens, large weights: 4x the arithmetic loses
@@ -188,5 +198,6 @@ def test_add_lora_explicit_decode_layouts(backend, row_slots):
 def test_torch_backend_chooses_the_cheaper_shape_of_work(rows, per_row, d, pattern, shape):
     gen = torch.Generator().manual_seed(0)
     tokens = BatchMapping(popularity(pattern, rows, gen), NUM_SLOTS).tokens(rows * per_row, torch.device("cpu"))
-    a, b = torch.empty(NUM_SLOTS, 16, d), torch.empty(NUM_SLOTS, d, 16)
-    assert torch_ops._plan(tokens, [16] * NUM_SLOTS, a, b) == (shape, 16)
+    bank = SlotBank.from_padded(torch.zeros(NUM_SLOTS, 16, d), torch.zeros(NUM_SLOTS, d, 16),
+                                torch.full((NUM_SLOTS,), 16, dtype=torch.int32))
+    assert torch_ops._plan(tokens, list(tokens.segments), bank) == shape

@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(multilora_plugin.__file__).parent
 LAYERS = [  # a module may import modules of its own layer and of the layers above it in this list
     {"version", "errors", "config"},
     {"mapping", "scheduler", "adapters", "kernels"},  # adapters/ and kernels/ import nothing above this
-    {"dora", "layers", "experts", "router", "embedding", "saved", "model", "peft_model", "wrapping", "transformers_cb", "toy"},
+    {"dora", "layers", "experts", "router", "embedding", "saved", "slot_memory", "model", "peft_model", "wrapping", "transformers_cb", "toy"},
     {"batch", "sampling", "intake", "detokenize", "outputs", "sequence", "hooks"},
     {"engine", "llm", "async_engine"},
     {"integrations"},  # the hosts: imported by nothing below them

@@ -96,8 +96,8 @@ def test_prefetch_pin_and_stats(llama_kit, reads):
     stats = model.memory_stats()
     assert reads == {"all4": 1, "attn8_rs": 1, "mlp16_l1": 1, "regex_pat": 1}
     assert stats.cpu_entries == 3 and stats.slots_used == 3 and stats.pinned == 1
-    assert stats.slot_buffer_bytes == sum(layer.slot_bytes() for layer in model._layers.values()) > 0
-    assert stats.gpu_bytes == sum(model.adapters[n].num_bytes for n in model.slot_contents())
+    assert stats.gpu_bytes == sum(model.adapters[n].num_bytes for n in model.slot_contents()) > 0  # packed
+    assert stats.slot_free_bytes == stats.slot_memory_bytes - stats.gpu_bytes
     # pin: disk; all4: CPU; attn8_rs: CPU, all4: slot; regex_pat: disk, evicting attn8_rs (both tiers)
     assert (stats.gpu_hits, stats.gpu_misses, stats.cpu_hits, stats.cpu_misses) == (1, 4, 2, 2)
     assert model.adapter_state("attn8_rs") is S.COLD
@@ -121,7 +121,7 @@ def test_unload_frees_slot_and_cpu_copy(llama_kit):
         logits(model, ids, [None, "attn8_rs"])  # the next forward writes the freed slot
         slot = model.slot_contents().index(EMPTY)
         for layer in model._layers.values():
-            assert layer.lora_ranks[slot] == 0 and not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
+            assert layer.bank.ranks[slot] == 0 and layer.bank.a[slot] is None and layer.bank.b[slot] is None
         model.load_adapter("all4", llama_kit.paths["all4"])
         torch.testing.assert_close(logits(model, ids, ["all4", "attn8_rs"]), reference, atol=1e-6, rtol=0)
     for name in list(model.adapters):

@@ -110,7 +110,7 @@ def test_half_precision_models_reproduce_the_peft_delta(llama_kit, dtype, bound)
     base = llama_kit.fresh().to(dtype)
     model = multilora_plugin.wrap(base, max_loras=2)
     model.load_adapter("all4", llama_kit.paths["all4"])
-    assert model.get_submodule("model.layers.0.mlp.up_proj").lora_a.dtype == dtype
+    assert model.get_submodule("model.layers.0.mlp.up_proj").dtype == dtype
     ids, mask = padded_batch(2, [6, 4], seed=5)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, adapter_names=["all4", None]).logits.float()

@@ -128,7 +128,7 @@ def test_dora_on_a_4bit_base_reads_the_weight_its_forward_uses(case):
         after(input_ids=torch.tensor([[5, 9]]))  # the base's first forward: weights repacked
         after(input_ids=torch.tensor([[5, 9]]), adapter_names=["dora"])
     for name in ("q_proj", "o_proj"):
-        gains = [getattr(m.hf_model.model.layers[0].self_attn, name).row_gain[0] for m in (before, after)]
+        gains = [getattr(m.hf_model.model.layers[0].self_attn, name).gains[0] for m in (before, after)]
         assert gains[0].abs().max() > 0.05 and (gains[0] - gains[1]).abs().max().item() < 1e-5, name
 
 
@@ -144,7 +144,7 @@ def test_the_quantized_layer_keeps_its_forward_and_slots_take_the_compute_dtype(
     model = case(name).wrapped()
     layer = model.hf_model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, MultiLoRALinear) and not layer.base_layer.weight.dtype.is_floating_point
-    assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32
+    assert layer.dtype == torch.float32
 
 
 @_needs("bitsandbytes")

@@ -168,7 +168,6 @@ def test_a_copy_is_counted_in_both_tiers(case):
     """A copy of the LM head is most of the adapter; it takes slot memory only while in a slot."""
     llama = case("llama")
     model = multilora_plugin.wrap(llama.fresh(), max_loras=1)
-    empty = model.memory_stats().slot_buffer_bytes
     info = model.load_adapter("head", llama.paths["head"])  # rank 4 on q_proj, and lm_head's weight
     vocab, dim = model.config.vocab_size, model.config.hidden_size
     q_in, q_out = model._modules_info.wrapped["model.layers.0.self_attn.q_proj"]
@@ -176,11 +175,11 @@ def test_a_copy_is_counted_in_both_tiers(case):
     assert "lm_head.modules_to_save" in info.target_modules
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6]]), adapter_names=["head"])
-    assert model.memory_stats().slot_buffer_bytes == empty + vocab * dim * 4
-    model.load_adapter("plain", llama.paths["plain"])
+    assert model.memory_stats().gpu_bytes == info.num_bytes  # the copy and the pairs, in slot memory
+    plain = model.load_adapter("plain", llama.paths["plain"])
     with torch.no_grad():
         model(input_ids=torch.tensor([[5, 6]]), adapter_names=["plain"])  # takes the only slot
-    assert model.memory_stats().slot_buffer_bytes == empty
+    assert model.memory_stats().gpu_bytes == plain.num_bytes
 
 
 def test_a_copy_replaced_on_disk_is_served_anew(case, tmp_path):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from multilora_plugin import EMPTY, CapacityError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from multilora_plugin import EMPTY, AdapterTooLargeError, CapacityError
 from multilora_plugin.adapters import SlotTable
 
 E = EMPTY
@@ -37,7 +40,7 @@ def test_slot_table_scenarios(scenario):
         if op[0] == "release":
             table.release(op[1])
         else:
-            slots, _ = table.acquire(op, PROTECTED.__contains__)
+            slots, _, _ = table.acquire(op, PROTECTED.__contains__)
             assert all(table.contents()[slots[n]] == n for n in op)
         assert table.contents() == expected
         assert len(table) == sum(c is not E for c in expected)
@@ -45,9 +48,9 @@ def test_slot_table_scenarios(scenario):
 
 def test_acquire_reports_placements_and_evictions():
     table = SlotTable(2)
-    assert table.acquire(["a", "b"])[1] == [(0, "a", E), (1, "b", E)]
-    assert table.acquire(["b", "c"])[1] == [(0, "c", "a")]
-    assert table.acquire(["c"])[1] == []
+    assert table.acquire(["a", "b"])[1:] == ([(0, "a"), (1, "b")], [])
+    assert table.acquire(["b", "c"])[1:] == ([(0, "c")], [(0, "a")])
+    assert table.acquire(["c"])[1:] == ([], [])
 
 
 def test_capacity_error_changes_nothing():
@@ -61,13 +64,83 @@ def test_capacity_error_changes_nothing():
 def test_capacity_error_names_the_protected_adapters():
     table = SlotTable(2)
     table.acquire(["p", "q"])
-    with pytest.raises(CapacityError, match=r"only 0 of the 2 slots .* \['p', 'q'\] are pinned or in use"):
+    with pytest.raises(CapacityError, match=r"but 2 of the 2 slots are taken by \['p', 'q'\], pinned or in use"):
         table.acquire(["x"], {"p", "q"}.__contains__)
     assert table.contents() == ("p", "q")
-    assert table.acquire(["x"], {"p"}.__contains__)[1] == [(1, "x", "q")]
+    assert table.acquire(["x"], {"p"}.__contains__)[1:] == ([(1, "x")], [(1, "q")])
 
 
 def test_release_of_a_name_without_a_slot_is_a_no_op():
     table = SlotTable(1)
     assert table.release("ghost") is None
     assert table.contents() == (E,)
+
+
+SIZES = {"a": 4, "b": 4, "c": 8, "d": 2, "big": 20}
+
+
+def test_bytes_evict_only_as_many_as_needed_least_recent_first():
+    table = SlotTable(8, capacity=12, size=SIZES.__getitem__)
+    table.acquire(["a"])
+    table.acquire(["b"])
+    assert table.used_bytes == 8
+    assert table.acquire(["c"])[1:] == ([(0, "c")], [(0, "a")])  # 4 + 8 fits once a is gone; b stays
+    assert table.contents()[:2] == ("c", "b") and table.used_bytes == 12
+    table.acquire(["d"])  # 14 > 12: b, the least recent, goes
+    assert set(table.resident()) == {"c", "d"} and table.used_bytes == 10
+
+
+def test_bytes_and_slots_bound_together():
+    table = SlotTable(2, capacity=100, size=SIZES.__getitem__)
+    table.acquire(["d", "a"])
+    assert table.acquire(["b"])[2] == [(0, "d")]  # bytes are plenty; the slot count is not
+
+
+def test_an_adapter_larger_than_the_budget_is_refused_naming_both_sizes():
+    table = SlotTable(4, capacity=16, size=SIZES.__getitem__)
+    table.acquire(["a"])
+    with pytest.raises(AdapterTooLargeError, match=r"'big' needs 20 B of slot memory, .* budget of 16 B"):
+        table.acquire(["big"])
+    with pytest.raises(CapacityError, match="4 adapters of 18 B together in slot memory, but the budget is 16 B"):
+        table.acquire(["a", "b", "c", "d"])
+    assert table.resident() == ["a"]
+
+
+def test_what_the_protected_keys_hold_is_kept():
+    table = SlotTable(8, capacity=12, size=SIZES.__getitem__)
+    table.acquire(["c", "a"])
+    with pytest.raises(CapacityError, match=r"taken by \['a', 'c'\]"):
+        table.acquire(["b"], {"c", "a"}.__contains__)
+    assert table.fits(["b"], kept=["c"]) is True and table.fits(["b", "d"], kept=["c"]) is False
+    assert table.fits([], kept=["c"], sizes=[4]) is True and table.fits([], kept=["c"], sizes=[6]) is False
+
+
+def test_a_swap_that_grows_past_the_budget_is_refused():
+    table = SlotTable(4, capacity=10, size=SIZES.__getitem__)
+    table.acquire(["a", "b"])
+    assert table.swap("a", "c", growth=8 - 4) is None and table.resident() == ["a", "b"]
+    assert table.swap("a", "d", growth=2 - 4) == 0 and table.contents()[0] == "d"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.lists(st.sampled_from("abcdp"), min_size=1, max_size=3),
+                          st.tuples(st.just("release"), st.sampled_from("abcdp"))), max_size=30),
+       st.integers(8, 24), st.integers(1, 4))
+def test_the_bounds_always_hold(steps, capacity, num_slots):
+    """Whatever is asked, the resident keys fit both bounds, a protected key is never evicted, and a
+    refused placement changes nothing."""
+    sizes = {"a": 4, "b": 4, "c": 8, "d": 2, "p": 6}
+    table = SlotTable(num_slots, capacity=capacity, size=sizes.__getitem__)
+    for op in steps:
+        before = table.resident()
+        if isinstance(op, tuple):
+            table.release(op[1])
+            continue
+        try:
+            _, _, evicted = table.acquire(op, "p".__eq__)
+        except CapacityError:
+            assert table.resident() == before
+            continue
+        assert "p" not in {key for _, key in evicted}
+        assert set(op) <= set(table.resident())
+        assert table.used_bytes <= capacity and len(table) <= num_slots

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multilora_plugin import BatchMapping, KernelInputError
-from multilora_plugin.kernels import add_lora_reference
+from multilora_plugin.kernels import SlotBank, add_lora_reference
 
 from .conftest import TRITON_MISSING
 
@@ -36,27 +36,28 @@ def op_args(row_slots=(1, -1, 0, 1, 2), per_row=1):
     x = torch.randn(t, a.shape[2], device=DEVICE)
     y = torch.randn(t, b.shape[1], device=DEVICE)
     tokens = BatchMapping(row_slots, a.shape[0]).tokens(t, torch.device(DEVICE))
-    return x, y, a, b, ranks, tokens
+    return x, y, a, b, ranks, tokens, SlotBank.from_padded(a, b, ranks)
 
 
 @pytest.mark.parametrize("per_row", [1, 3])
 def test_opcheck(per_row):
-    x, y, a, b, ranks, tokens = op_args(per_row=per_row)
+    x, y, a, b, ranks, tokens, bank = op_args(per_row=per_row)
     ops = torch.ops.multilora
     segs = (tokens.index, tokens.seg_slots, tokens.seg_starts, tokens.seg_lens, tokens.max_segment_len)
-    h = ops.sgmv_shrink(x, a, ranks, *segs)
-    torch.library.opcheck(ops.sgmv_shrink.default, (x, a, ranks, *segs))
-    torch.library.opcheck(ops.sgmv_expand.default, (y.clone(), h, b, ranks, *segs))
-    torch.library.opcheck(ops.bgmv_shrink.default, (x, a, ranks, tokens.token_slots))
-    torch.library.opcheck(ops.bgmv_expand.default, (y.clone(), h, b, ranks, tokens.token_slots))
+    shrink, expand = (bank.storage, bank.a_offsets, bank.ranks), (bank.storage, bank.b_offsets, bank.ranks)
+    h = ops.sgmv_shrink(x, *shrink, *segs, 16)
+    torch.library.opcheck(ops.sgmv_shrink.default, (x, *shrink, *segs, 16))
+    torch.library.opcheck(ops.sgmv_expand.default, (y.clone(), h, *expand, *segs))
+    torch.library.opcheck(ops.bgmv_shrink.default, (x, *shrink, tokens.token_slots, 16))
+    torch.library.opcheck(ops.bgmv_expand.default, (y.clone(), h, *expand, tokens.token_slots))
 
 
 def test_a_decode_step_compiles_without_graph_breaks():
-    x, y, a, b, ranks, tokens = op_args()
+    x, y, a, b, ranks, tokens, bank = op_args()
 
     def step(y, x, token_slots):
-        h = torch.ops.multilora.bgmv_shrink(x, a, ranks, token_slots)
-        torch.ops.multilora.bgmv_expand(y, h, b, ranks, token_slots)
+        h = torch.ops.multilora.bgmv_shrink(x, bank.storage, bank.a_offsets, bank.ranks, token_slots, 16)
+        torch.ops.multilora.bgmv_expand(y, h, bank.storage, bank.b_offsets, bank.ranks, token_slots)
         return y
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -70,17 +71,20 @@ def test_wrappers_refuse_bad_inputs():
     from multilora_plugin.kernels.triton_bgmv import bgmv_shrink
     from multilora_plugin.kernels.triton_sgmv import sgmv_expand
 
-    x, y, a, b, ranks, tokens = op_args()
-    with pytest.raises(KernelInputError, match=r"expected x \[T, in\] and lora_a \[S, R, in\]"):
-        bgmv_shrink(x[:, :5], a, ranks, tokens.token_slots)
+    x, y, a, b, ranks, tokens, bank = op_args()
+    w, offsets = bank.storage, bank.a_offsets
+    with pytest.raises(KernelInputError, match=r"expected x \[T, in\] and a 1-D weight storage"):
+        bgmv_shrink(x[0], w, offsets, ranks, tokens.token_slots, 16)
     with pytest.raises(KernelInputError, match="`token_slots` should be an int32 tensor of shape"):
-        bgmv_shrink(x, a, ranks, tokens.token_slots.long())
+        bgmv_shrink(x, w, offsets, ranks, tokens.token_slots.long(), 16)
     with pytest.raises(KernelInputError, match="`lora_ranks` should be an int32 tensor of shape"):
-        bgmv_shrink(x, a, ranks[:2], tokens.token_slots)
+        bgmv_shrink(x, w, offsets, ranks[:2], tokens.token_slots, 16)
+    with pytest.raises(KernelInputError, match="slot offsets should be a 1-D int64 tensor"):
+        bgmv_shrink(x, w, offsets.int(), ranks, tokens.token_slots, 16)
     with pytest.raises(KernelInputError, match="should share one of"):
-        bgmv_shrink(x.double(), a, ranks, tokens.token_slots)
+        bgmv_shrink(x.double(), w, offsets, ranks, tokens.token_slots, 16)
     with pytest.raises(KernelInputError, match="h should be float32"):
-        sgmv_expand(y, torch.zeros(y.shape[0], a.shape[1], dtype=torch.float16, device=DEVICE), b, ranks,
+        sgmv_expand(y, torch.zeros(y.shape[0], 16, dtype=torch.float16, device=DEVICE), w, bank.b_offsets, ranks,
                     tokens.index, tokens.seg_slots, tokens.seg_starts, tokens.seg_lens, tokens.max_segment_len)
 
 
@@ -96,11 +100,8 @@ def test_cuda_graph_captures_and_replays_a_decode_step():
     a, b, ranks = weights()
     context = ForwardContext()
     base = torch.nn.Linear(a.shape[2], b.shape[1], device="cuda")
-    layer = MultiLoRALinear(base, a.shape[0], a.shape[1], context,
-                            multilora_plugin.kernels.select_backend("triton", "cuda"))
-    for s in range(a.shape[0]):
-        r = int(ranks[s])
-        layer.write_slot(s, a[s, :r] if r else None, b[s, :, :r] if r else None)
+    layer = MultiLoRALinear(base, a.shape[0], context, multilora_plugin.kernels.select_backend("triton", "cuda"))
+    layer.bank = SlotBank.from_padded(a, b, ranks)
     context.mapping = BatchMapping((1, -1, 0, 1, 2, 2, 0, -1), a.shape[0])
     x = torch.randn(8, 1, a.shape[2], device="cuda")
     with torch.no_grad():

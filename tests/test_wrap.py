@@ -24,7 +24,7 @@ def test_all_linear_patches_every_projection_but_the_output_embedding(llama_kit)
     embedding = model.get_submodule("model.embed_tokens")
     assert isinstance(embedding, MultiLoRASaved) and isinstance(embedding.base_layer, MultiLoRAEmbedding)
     assert all(isinstance(model.get_submodule(n), MultiLoRALinear) for n in names if n != "model.embed_tokens")
-    assert embedding.base_layer.lora_a.numel() == 0
+    assert embedding.base_layer.bank.storage is None and model.memory_stats().slot_buffer_bytes == 0
     assert model.saved_modules == ("model.embed_tokens", "lm_head")
     assert isinstance(model.get_submodule("lm_head").base_layer, torch.nn.Linear)
     assert model.get_output_embeddings().weight is model.get_submodule("lm_head").base_layer.weight
@@ -45,8 +45,8 @@ def test_slot_buffers_follow_the_base_layer(kit_factory):
     model = multilora_plugin.wrap(kit_factory("gpt2").fresh(), max_loras=3, max_lora_rank=8)
     layer = model.get_submodule("transformer.h.0.attn.c_attn")
     assert isinstance(layer.base_layer, Conv1D)
-    assert layer.lora_a.shape == (3, 8, 64) and layer.lora_b.shape == (3, 192, 8)  # [S, R, in], [S, out, R]
-    assert layer.lora_a.dtype == layer.base_layer.weight.dtype
+    assert (layer.in_features, layer.out_features, layer.bank.num_slots) == (64, 192, 3)
+    assert layer.dtype == layer.base_layer.weight.dtype
 
 
 def test_facade_behaves_like_the_model(llama_kit):

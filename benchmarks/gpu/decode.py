@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import multilora_plugin  # noqa: E402
 from multilora_plugin import BatchMapping  # noqa: E402
 from multilora_plugin.batch import with_cache  # noqa: E402
+from multilora_plugin.kernels import SlotBank  # noqa: E402
 from multilora_plugin.layers import MultiLoRALinear  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -90,9 +91,11 @@ def fill_slots(model, num_slots: int, rank: int) -> None:
     torch.manual_seed(1)
     for layer in model.modules():
         if isinstance(layer, MultiLoRALinear):
-            layer.lora_a[:, :rank].normal_(std=layer.in_features ** -0.5)
-            layer.lora_b[:, :, :rank].normal_(std=0.1 * rank ** -0.5)
-            layer.lora_ranks.fill_(rank)
+            device, dtype = layer.device, layer.dtype
+            a = torch.randn(num_slots, rank, layer.in_features, device=device, dtype=dtype) * layer.in_features ** -0.5
+            b = torch.randn(num_slots, layer.out_features, rank, device=device, dtype=dtype) * 0.1 * rank ** -0.5
+            ranks = torch.full((num_slots,), rank, device=device, dtype=torch.int32)
+            layer.bank = SlotBank.from_padded(a, b, ranks)  # packed, as the slot memory holds them
 
 
 def timer(device: torch.device) -> Callable[[Callable], float]:

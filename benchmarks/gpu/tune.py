@@ -35,7 +35,7 @@ if "--dry-run" in sys.argv and "TRITON_INTERPRET" not in os.environ:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from multilora_plugin.kernels import triton_bgmv, triton_sgmv, tuning  # noqa: E402
+from multilora_plugin.kernels import SlotBank, triton_bgmv, triton_sgmv, tuning  # noqa: E402
 from multilora_plugin.kernels.tuning import LaunchConfig  # noqa: E402
 
 CANDIDATES = {  # field → values tried, per op
@@ -94,6 +94,8 @@ def make_launch(op: str, size: int, rank: int, d_in: int, d_out: int, args, devi
     h = torch.randn(tokens, rank, generator=gen).to(device)  # fp32, as the shrink gives it
     y = torch.randn(tokens, d_out, generator=gen).to(device, dtype)
     ranks = torch.full((slots,), rank, dtype=torch.int32, device=device)
+    bank = SlotBank.from_padded(a, b, ranks)  # packed, as slot memory holds the pairs
+    w, a_off, b_off = bank.storage, bank.a_offsets, bank.b_offsets
     token_slot = torch.arange(tokens, device=device) // (size if op.startswith("sgmv") else 1) % slots
     int32 = dict(dtype=torch.int32, device=device)
     index = torch.arange(tokens, **int32)
@@ -104,21 +106,21 @@ def make_launch(op: str, size: int, rank: int, d_in: int, d_out: int, args, devi
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     features = d_in if op.endswith("shrink") else d_out
     if op == "bgmv_shrink":
-        run = lambda cfg: triton_bgmv.bgmv_shrink(x, a, ranks, token_slot.int(), cfg=cfg)  # noqa: E731
+        run = lambda cfg: triton_bgmv.bgmv_shrink(x, w, a_off, ranks, token_slot.int(), rank, cfg=cfg)  # noqa: E731
         return Launch(op, size, rank, features, run, ref_h, tol)
     if op == "bgmv_expand":
         def run(cfg):
             out = y.clone()
-            triton_bgmv.bgmv_expand(out, h, b, ranks, token_slot.int(), cfg=cfg)
+            triton_bgmv.bgmv_expand(out, h, w, b_off, ranks, token_slot.int(), cfg=cfg)
             return out
         return Launch(op, size, rank, features, run, ref_y, tol)
     if op == "sgmv_shrink":
-        run = lambda cfg: triton_sgmv.sgmv_shrink(x, a, ranks, index, *seg, size, cfg=cfg)  # noqa: E731
+        run = lambda cfg: triton_sgmv.sgmv_shrink(x, w, a_off, ranks, index, *seg, size, rank, cfg=cfg)  # noqa: E731
         return Launch(op, size, rank, features, run, ref_h, tol)
 
     def run(cfg):
         out = y.clone()
-        triton_sgmv.sgmv_expand(out, h, b, ranks, index, *seg, size, cfg=cfg)
+        triton_sgmv.sgmv_expand(out, h, w, b_off, ranks, index, *seg, size, cfg=cfg)
         return out
     return Launch(op, size, rank, features, run, ref_y, tol)
 

@@ -1,4 +1,10 @@
-"""The adapter cache: disk → CPU LRU (`max_cpu_loras`) → GPU slots (`max_loras`). It owns residency.
+"""The adapter cache: disk → CPU LRU (`max_cpu_loras`) → GPU slots (`lora_memory` bytes, at most
+`max_loras` adapters). It owns residency.
+
+The slot tier is bounded by bytes: each content takes `size(weights)` (what the model's slot memory
+needs for it, at its own rank, nothing padded), and placing contents evicts least recently used ones
+until enough bytes (and slots) are free. `fits` answers by the same sizes; for an adapter not yet
+read it uses the bytes per rank of the contents seen so far.
 
 Contents, not names, live in slots. Every distinct content a name ever holds (a load, a hot replace, a
 read after an unload and a new register, weights from a plugin) gets an id never handed out twice in
@@ -27,15 +33,14 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import asdict
 from typing import Callable, Collection, Iterable, Optional, Sequence
 
-from ..errors import AdapterExistsError, AdapterNotFoundError, CapacityError
+from ..errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, CapacityError
 from .checkpoint import AdapterWeights
 from .contents import Content, Entry, new_content_id
 from .reads import Load, Reader, Reads
 from .registry import AdapterSource
-from .slots import EMPTY, SlotTable
+from .slots import EMPTY, SlotTable, human_bytes
 from .state import AdapterState, CacheStats, Counters, EventQueue, Hold, not_registered
 
 Writer = Callable[[Sequence[tuple]], None]  # [(slot, AdapterWeights or None), ...]
@@ -45,7 +50,8 @@ class AdapterCache:
     """Registered adapters and where their weights are. See the module docstring."""
 
     def __init__(self, *, num_slots: int, max_cpu_loras: int, read: Reader, write: Writer,
-                 slot_buffer_bytes: "int | Callable[[], int]" = 0, prefetch_workers: int = 2) -> None:
+                 capacity: Optional[int] = None, size: Callable[[AdapterWeights], int] = lambda w: w.num_bytes,
+                 memory: Callable[[], dict] = dict, prefetch_workers: int = 2) -> None:
         if max_cpu_loras < num_slots:
             raise ValueError(f"max_cpu_loras ({max_cpu_loras}) should be >= the number of slots ({num_slots})")
         self.max_cpu_loras = max_cpu_loras
@@ -54,11 +60,14 @@ class AdapterCache:
         self.listeners = self._events.listeners  # called with each AdapterEvent, outside the lock
         self.residency = self  # what the scheduler may ask (`scheduler.Residency`): is_resident, fits
         self._reads, self._write = Reads(read, prefetch_workers), write
-        self._slot_buffer_bytes = slot_buffer_bytes
+        self._size = size  # bytes a content takes in slot memory
+        self._memory = memory  # {"reserved": bytes, "fragmentation": float} of the slot memory
+        self._per_rank = 0  # bytes per rank of the latest content read (sizes adapters not read yet)
         self._entries: dict = {}  # name → Entry, every registered adapter
         self._cpu: OrderedDict = OrderedDict()  # name → Entry whose content is in memory, least recent first
         self._live: dict = {}  # content id → Content in memory: current ones, and older ones still held
-        self._slots = SlotTable(num_slots, label=lambda cid: self._live[cid].name)
+        self._slots = SlotTable(num_slots, label=lambda cid: self._live[cid].name, capacity=capacity,
+                                size=lambda cid: self._live[cid].size)
         self._counters = Counters()
 
     # registry ---------------------------------------------------------------------------------------
@@ -70,6 +79,8 @@ class AdapterCache:
         if replace and weights is None:
             raise ValueError("replacing an adapter needs its new weights")
         name = source.name
+        if weights is not None:
+            self._check_size(name, self._size(weights))
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None and not replace:
@@ -236,12 +247,16 @@ class AdapterCache:
     def fits(self, names: Collection[str]) -> bool:
         with self._lock:
             needed = set(names)
-            kept = 0  # slots that stay taken whatever is placed: held or pinned contents of other names
-            for cid in self._slots.contents():
-                if cid is not EMPTY and self._protected(cid):
-                    content = self._live[cid]
-                    kept += not (content.name in needed and self._is_current(content))
-            return kept + len(needed) <= self._slots.num_slots
+            kept = [cid for cid in self._slots.resident() if self._protected(cid)
+                    and not (self._live[cid].name in needed and self._is_current(self._live[cid]))]
+            known, guessed = [], []
+            for name in needed:
+                entry = self._entries.get(name)
+                if entry is not None and entry.content is not None:
+                    known.append(entry.content.id)
+                else:
+                    guessed.append(self._per_rank * (entry.source.rank if entry is not None else 0))
+            return self._slots.fits(known, kept, guessed)
 
     # introspection ----------------------------------------------------------------------------------
     def contents(self) -> tuple:
@@ -262,23 +277,11 @@ class AdapterCache:
             return list(dict.fromkeys(older + list(self._cpu)))
 
     def stats(self) -> CacheStats:
+        memory = self._memory()
         with self._lock:
-            live = list(self._live.values())
-            in_slots = [self._live[c] for c in self._slots.contents() if c is not EMPTY]
-            return CacheStats(
-                registered=len(self._entries),
-                pinned=sum(e.pinned for e in self._entries.values()),
-                in_use=sum(c.refs > 0 for c in live),
-                num_slots=self._slots.num_slots,
-                slots_used=len(in_slots),
-                gpu_bytes=sum(c.weights.num_bytes for c in in_slots),
-                slot_buffer_bytes=self._slot_buffer_bytes() if callable(self._slot_buffer_bytes)
-                else self._slot_buffer_bytes,
-                max_cpu_loras=self.max_cpu_loras,
-                cpu_entries=len(live),
-                cpu_bytes=sum(c.weights.num_bytes for c in live),
-                **asdict(self._counters),
-            )
+            return CacheStats.of(list(self._entries.values()), list(self._live.values()),
+                                 [self._live[c] for c in self._slots.resident()], self._slots, self.max_cpu_loras,
+                                 memory, self._counters)
 
     def close(self) -> None:
         """Stop the prefetch pool (reads already running finish)."""
@@ -293,7 +296,7 @@ class AdapterCache:
             with self._lock:
                 entries = [self._known(n) for n in wanted]
                 if not counted:
-                    self._count_lookups(entries)
+                    self._counters.count_lookups(entries, self._slots)
                     counted = True
                 for entry in entries:
                     got = read.get(entry.source.name)
@@ -321,17 +324,13 @@ class AdapterCache:
         self._events.dispatch()
         return placed
 
-    def _count_lookups(self, entries: list) -> None:
-        c = self._counters
-        for entry in entries:
-            if entry.content is not None and entry.content.id in self._slots:
-                c.gpu_hits += 1
-            else:
-                c.gpu_misses += 1
-                if entry.content is not None:
-                    c.cpu_hits += 1
-                else:
-                    c.cpu_misses += 1
+    def _check_size(self, name: str, size: int) -> None:
+        capacity = self._slots.capacity
+        if capacity is not None and size > capacity:
+            raise AdapterTooLargeError(
+                f"adapter {name!r} needs {human_bytes(size)} of slot memory, more than the whole budget of {human_bytes(capacity)} "
+                "(lora_memory); wrap with a larger lora_memory"
+            )
 
     def _check_pin(self, entry: Entry) -> None:
         pinned = sum(e.pinned for e in self._entries.values())
@@ -347,11 +346,10 @@ class AdapterCache:
         if pin:
             self._check_pin(entries[0])
         before = {e.source.name: self._state(e) for e in entries}
-        slots, placed = self._slots.acquire([e.content.id for e in entries], self._protected)
-        for slot, _, evicted in placed:
-            if evicted is not EMPTY:  # always a current content: an older one in a slot is held
-                self._counters.gpu_evictions += 1
-                self._events.emit(self._live[evicted].name, AdapterState.ACTIVE, AdapterState.CPU, slot)
+        slots, _, evicted = self._slots.acquire([e.content.id for e in entries], self._protected)
+        for slot, cid in evicted:  # always a current content: an older one in a slot is held
+            self._counters.gpu_evictions += 1
+            self._events.emit(self._live[cid].name, AdapterState.ACTIVE, AdapterState.CPU, slot)
         for entry in entries:
             name = entry.source.name
             self._cpu.move_to_end(name)
@@ -409,7 +407,9 @@ class AdapterCache:
         last, fingerprint = entry.last_read, weights.fingerprint
         same = (reread and fingerprint is not None and last is not None and last[:2] == (entry.source, fingerprint)
                 and last[2] not in self._live)
-        content = Content(last[2] if same else new_content_id(), entry.source, weights)
+        content = Content(last[2] if same else new_content_id(), entry.source, weights, self._size(weights))
+        if entry.source.rank:
+            self._per_rank = content.size // entry.source.rank
         entry.last_read = (entry.source, fingerprint, content.id)
         previous, entry.content = entry.content, content
         self._live[content.id] = content
@@ -424,9 +424,9 @@ class AdapterCache:
         if content.refs > 0:
             return  # freed by its last release
         slot = self._slots.slot_of(content.id)
-        if slot is not None and heir is not None:
-            self._slots.swap(content.id, heir.id)
-        elif slot is not None:
+        in_place = slot is not None and heir is not None and \
+            self._slots.swap(content.id, heir.id, heir.size - content.size) is not None
+        if slot is not None and not in_place:  # no heir, or one that does not fit in the bytes left
             self._slots.release(content.id)
         del self._live[content.id]
 

@@ -99,7 +99,7 @@ class ModelModules:
     wrapped: Mapping[str, tuple]  # target → (in_features, out_features), or (num_experts, in, out) for experts
     all_names: frozenset
     output_embedding: Optional[str]
-    max_lora_rank: int
+    max_lora_rank: Optional[int]  # None: any rank
     dtype: Optional[torch.dtype] = None  # weights are stored in the model's dtype (None: as saved)
     # fused-experts module → its projections that LoRA can target, in definition order (PEFT nests one
     # wrapper per targeted parameter in that order, the first innermost)
@@ -304,7 +304,7 @@ def _check_module(path: str, module: str, pair: dict, model: ModelModules, confi
             "number of experts?)"
         )
     rank = a.shape[0] // num
-    if rank > model.max_lora_rank:
+    if model.max_lora_rank is not None and rank > model.max_lora_rank:
         raise IncompatibleAdapterError(
             f"adapter at {path!r}, module {module!r}: rank {rank} is above max_lora_rank="
             f"{model.max_lora_rank}; wrap with max_lora_rank >= {rank}"

@@ -26,6 +26,7 @@ class Content:
     id: int
     source: AdapterSource
     weights: AdapterWeights
+    size: int = 0  # bytes it takes in slot memory
     refs: int = 0  # holds by running batches; > 0 ⇒ in a slot
 
     @property

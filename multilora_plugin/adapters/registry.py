@@ -49,7 +49,7 @@ def check_name(name: object) -> str:
     return name
 
 
-def read_source(name: str, path: Union[str, os.PathLike], max_lora_rank: int) -> AdapterSource:
+def read_source(name: str, path: Union[str, os.PathLike], max_lora_rank: Optional[int]) -> AdapterSource:
     """Check `name`, read and validate the adapter's config (not its weights) and return its source.
 
     Raises `AdapterLoadError` for a missing or unreadable config and `IncompatibleAdapterError` for
@@ -65,7 +65,7 @@ def read_source(name: str, path: Union[str, os.PathLike], max_lora_rank: int) ->
             "as the path (PEFT's `load_adapter` takes them the other way round)"
         )
     source = AdapterSource(name, path, read_config(path))
-    if source.rank > max_lora_rank:
+    if max_lora_rank is not None and source.rank > max_lora_rank:
         raise IncompatibleAdapterError(
             f"adapter at {path!r}: its config gives rank {source.rank}, but rank {source.rank} is above "
             f"max_lora_rank={max_lora_rank}; "

@@ -92,18 +92,23 @@ class Hold:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Memory per tier and counters since the model was wrapped. Bytes are adapter weights (A and
-    scaled B at their real ranks, and whatever else a kind holds); `slot_buffer_bytes` is what the
-    slot buffers reserve: up front, but for an embedding's LoRA buffers, allocated when the first
-    adapter needs them."""
+    """Memory per tier and counters since the model was wrapped. CPU bytes are adapter weights (A and
+    scaled B at their real ranks, and whatever else a kind holds); slot bytes are what the adapters in
+    slots take in slot memory (the same, at their own ranks, aligned). `slot_memory_bytes` is the
+    budget (`lora_memory`), `slot_free_bytes` what is left of it, `slot_buffer_bytes` what the slot
+    memory's pools hold on the device (each allocated at the budget's size when first used), and
+    `slot_fragmentation` 1 - the largest free run / the free memory of the worst pool."""
 
     registered: int
     pinned: int
     in_use: int  # contents held by a running batch
     num_slots: int
     slots_used: int
-    gpu_bytes: int
+    gpu_bytes: int  # slot memory the adapters in slots take
+    slot_memory_bytes: Optional[int]
+    slot_free_bytes: Optional[int]
     slot_buffer_bytes: int
+    slot_fragmentation: float
     max_cpu_loras: int
     cpu_entries: int  # contents in CPU memory (older versions still held by a batch included)
     cpu_bytes: int
@@ -120,6 +125,29 @@ class CacheStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def of(cls, entries: list, live: list, in_slots: list, slots, max_cpu_loras: int, memory: Mapping,
+           counters: "Counters") -> "CacheStats":
+        """From the cache's tables (its lock held): registry entries, contents in memory, contents in
+        slots, the slot table, the slot memory's {"reserved", "fragmentation"}."""
+        capacity = slots.capacity
+        return cls(
+            registered=len(entries),
+            pinned=sum(e.pinned for e in entries),
+            in_use=sum(c.refs > 0 for c in live),
+            num_slots=slots.num_slots,
+            slots_used=len(in_slots),
+            gpu_bytes=sum(c.size for c in in_slots),
+            slot_memory_bytes=capacity,
+            slot_free_bytes=None if capacity is None else capacity - slots.used_bytes,
+            slot_buffer_bytes=memory.get("reserved", 0),
+            slot_fragmentation=memory.get("fragmentation", 0.0),
+            max_cpu_loras=max_cpu_loras,
+            cpu_entries=len(live),
+            cpu_bytes=sum(c.weights.num_bytes for c in live),
+            **asdict(counters),
+        )
+
 
 @dataclass
 class Counters:
@@ -132,6 +160,15 @@ class Counters:
     gpu_evictions: int = 0
     cpu_evictions: int = 0
     slot_swaps: int = 0
+
+    def count_lookups(self, entries: list, slots) -> None:
+        """One look-up per entry: in a slot (gpu hit), in CPU memory (cpu hit) or on disk."""
+        for entry in entries:
+            resident = entry.content is not None and entry.content.id in slots
+            self.gpu_hits += resident
+            self.gpu_misses += not resident
+            self.cpu_hits += not resident and entry.content is not None
+            self.cpu_misses += entry.content is None
 
 
 def not_registered(name: str, known) -> str:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
-from ..config import check_int
+from ..config import check_int, parse_bytes
 from ..errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -45,8 +45,9 @@ class EngineArgs:
     tokenizer: Optional[str] = None  # default: the model's
     adapters: Dict[str, str] = field(default_factory=dict)  # name → PEFT adapter directory
     adapter_dir: Optional[str] = None  # every adapter under it, by subdirectory name (found on first use)
-    max_loras: int = 4
-    max_lora_rank: int = 16
+    lora_memory: Optional[Union[int, str]] = None  # bytes of slot memory ("2GiB"); None: from the device
+    max_loras: Optional[int] = None  # at most this many adapters in slots; None: as many as fit
+    max_lora_rank: Optional[int] = None  # adapters of a higher rank are refused; None: any rank
     max_cpu_loras: Optional[int] = None
     max_num_seqs: int = 64
     max_model_len: Optional[int] = None
@@ -60,8 +61,10 @@ class EngineArgs:
         for name, minimum in (("max_loras", 1), ("max_lora_rank", 1), ("max_num_seqs", 1), ("max_cpu_loras", 1),
                               ("max_model_len", 2), ("cpu_threads", 1)):
             value = getattr(self, name)
-            if value is not None or name in ("max_loras", "max_lora_rank", "max_num_seqs"):
+            if value is not None or name == "max_num_seqs":
                 check_int(name, value, minimum)
+        if self.lora_memory is not None:
+            self.lora_memory = parse_bytes(self.lora_memory)
         if self.dtype not in DTYPES:
             raise ConfigError(f"`dtype` should be one of {DTYPES}, but got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -114,8 +117,8 @@ class EngineArgs:
                     self.model, dtype=dtype, quantization_config=self._quantization_config(dtype),
                     device_map=str(device)).eval()
         tokenizer = self.load_tokenizer()
-        model = wrap(hf_model, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
-                                      max_cpu_loras=self.max_cpu_loras)
+        model = wrap(hf_model, lora_memory=self.lora_memory, max_loras=self.max_loras,
+                     max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras)
         for name, path in self.adapters.items():
             model.register_adapter(name, path)
         return model, tokenizer
@@ -147,8 +150,13 @@ class EngineArgs:
         parser.add_argument("--adapter", action="append", default=[], type=_adapter_arg, metavar="NAME=PATH",
                             help="a PEFT LoRA adapter directory to serve as NAME (repeatable)")
         parser.add_argument("--adapter-dir", help="serve every PEFT adapter under this directory, by subdirectory name")
-        parser.add_argument("--max-loras", type=int, default=4, help="adapter slots: distinct adapters per batch")
-        parser.add_argument("--max-lora-rank", type=int, default=16, help="slot width: the largest adapter rank served")
+        parser.add_argument("--lora-memory", default=None,
+                            help="slot memory for the adapters in slots, e.g. 2GiB; each takes its own size "
+                                 "(default: a tenth of the GPU's free memory, 1 GiB on a CPU)")
+        parser.add_argument("--max-loras", type=int, default=None,
+                            help="at most this many adapters in slots (default: as many as fit in --lora-memory)")
+        parser.add_argument("--max-lora-rank", type=int, default=None,
+                            help="refuse adapters of a higher rank (default: any rank)")
         parser.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory")
         parser.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
         parser.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
@@ -165,7 +173,8 @@ class EngineArgs:
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
         return cls(model=args.model, tokenizer=args.tokenizer, adapters=dict(args.adapter),
-                   adapter_dir=args.adapter_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                   adapter_dir=args.adapter_dir, lora_memory=args.lora_memory, max_loras=args.max_loras,
+                   max_lora_rank=args.max_lora_rank,
                    max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                    max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
                    served_model_name=args.served_model_name, cpu_threads=args.cpu_threads,

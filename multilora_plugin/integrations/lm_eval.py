@@ -40,7 +40,7 @@ from ..llm import LLM
 from ..sampling import SamplingParams
 from ..scheduler import SchedulerConfig
 
-_WRAP_ARGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "target_modules", "backend", "modules_to_save")
+_WRAP_ARGS = ("lora_memory", "max_loras", "max_lora_rank", "max_cpu_loras", "target_modules", "backend", "modules_to_save")
 _ENGINE_ARGS = tuple(f.name for f in fields(SchedulerConfig) if f.name != "max_loras") + ("max_model_len",)
 
 

@@ -6,7 +6,7 @@ What is measured (one table, `REQUEST_METRICS`, and one function, `engine_sample
   finish reason, and the latency histograms (time to first token, inter-token latency, request
   duration);
 * from `Engine.stats()` and the adapter cache, when read: running and waiting requests, slots in
-  use, adapters in CPU memory, cache hits and misses per tier, slot and adapter swaps, preemptions,
+  use, slot memory used and free (bytes) and its fragmentation, adapters in CPU memory, cache hits and misses per tier, slot and adapter swaps, preemptions,
   steps.
 
 How it is exported:
@@ -98,8 +98,14 @@ def adapter_cache_samples(model) -> Iterator[Sample]:
     """A wrapped model's adapter cache: slots, the CPU tier, hits and misses per tier, swaps."""
     cache = model.memory_stats()
     slots = model.slot_contents()
-    yield _one("gauge", "multilora_slots", "Adapter slots of the model (max_loras).", len(slots))
+    yield _one("gauge", "multilora_slots", "Adapter slots of the model (at most this many adapters resident: "
+               "max_loras).", len(slots))
     yield _one("gauge", "multilora_slots_in_use", "Slots holding an adapter.", sum(name != EMPTY for name in slots))
+    yield Sample(MetricSpec("gauge", "multilora_slot_memory_bytes", "Slot memory (lora_memory): used by the "
+                            "adapters in slots, and free.", ("state",)),
+                 ((("used",), cache.gpu_bytes), (("free",), cache.slot_free_bytes or 0)))
+    yield _one("gauge", "multilora_slot_memory_fragmentation", "1 - the largest free run of slot memory / all "
+               "of it that is free.", cache.slot_fragmentation)
     yield _one("gauge", "multilora_cpu_adapters", "Adapters whose weights are in CPU memory (at most "
                "max_cpu_loras).", cache.cpu_entries)
     yield _one("gauge", "multilora_max_cpu_loras", "Bound of the CPU tier of the adapter cache.", cache.max_cpu_loras)

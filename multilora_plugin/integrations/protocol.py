@@ -432,7 +432,8 @@ def describe_model(model) -> dict:
     first = next(model.parameters(), None)
     return {"model_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
             "model_device_type": first.device.type if first is not None else None,
-            "max_loras": model.multilora_config.max_loras, "max_lora_rank": model.multilora_config.max_lora_rank,
+            "max_loras": model.multilora_config.num_slots, "max_lora_rank": model.multilora_config.max_lora_rank,
+            "lora_memory": model.memory_stats().slot_memory_bytes,
             "model_type": getattr(model.config, "model_type", None)}
 
 

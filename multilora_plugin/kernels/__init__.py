@@ -1,7 +1,8 @@
 """Kernel backends for the LoRA delta. A backend is chosen once, when a model is wrapped.
 
 Every backend offers the same three ops over a `TokenMapping`: `lora_shrink`, `lora_expand` and the
-fused `add_lora` that `MultiLoRALinear` calls. `reference.py` holds the pure-torch oracle.
+fused `add_lora` that `MultiLoRALinear` calls, over a layer's `SlotBank` (each slot's A and Bᵀ at its
+own rank, anywhere in one storage). `reference.py` holds the pure-torch oracle (padded slot tensors).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Union
 import torch
 
 from ..errors import ConfigError
+from .bank import SlotBank
 from .reference import add_lora_reference, lora_expand_reference, lora_shrink_reference
 from .torch_ops import TorchBackend
 
 __all__ = [
+    "SlotBank",
     "TorchBackend",
     "add_lora_reference",
     "lora_expand_reference",

@@ -28,12 +28,11 @@ def _token_slot(slot_ptr, rank_ptr, token):
 @triton.jit
 def _bgmv_shrink_kernel(
     # pointers
-    x_ptr, a_ptr, h_ptr, rank_ptr, slot_ptr,
+    x_ptr, w_ptr, a_off_ptr, h_ptr, rank_ptr, slot_ptr,
     # sizes
     K,
     # strides
     stride_xt, stride_xk,
-    stride_as, stride_ar, stride_ak,
     stride_ht, stride_hr,
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -45,12 +44,13 @@ def _bgmv_shrink_kernel(
         return
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    a_base = w_ptr + tl.load(a_off_ptr + slot)  # A of this slot: [rank, K], row-major
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):  # this program's share of the reduction
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + token * stride_xt + offs_k * stride_xk, mask=k_mask, other=0.0)  # [BLOCK_K]
-        a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        a = tl.load(a_base + offs_r[:, None] * K + offs_k[None, :],
                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         acc += tl.sum(a.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     h_ptrs = h_ptr + token * stride_ht + offs_r * stride_hr
@@ -63,12 +63,11 @@ def _bgmv_shrink_kernel(
 @triton.jit
 def _bgmv_expand_kernel(
     # pointers
-    h_ptr, b_ptr, y_ptr, rank_ptr, slot_ptr,
+    h_ptr, w_ptr, b_off_ptr, y_ptr, rank_ptr, slot_ptr,
     # sizes
     N,
     # strides
     stride_ht, stride_hr,
-    stride_bs, stride_bn, stride_br,
     stride_yt, stride_yn,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -80,12 +79,13 @@ def _bgmv_expand_kernel(
         return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    b_base = w_ptr + tl.load(b_off_ptr + slot)  # Bᵀ of this slot: [rank, N], row-major
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):  # up to this slot's rank only
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
         h = tl.load(h_ptr + token * stride_ht + offs_r * stride_hr, mask=r_mask, other=0.0)  # [BLOCK_R] fp32
-        b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+        b = tl.load(b_base + offs_r[None, :] * N + offs_n[:, None],
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
         acc += tl.sum(b.to(tl.float32) * h[None, :], axis=1)
     y_ptrs = y_ptr + token * stride_yt + offs_n * stride_yn
@@ -101,61 +101,59 @@ def _check_token_slots(token_slots: torch.Tensor, num_tokens: int, device: torch
         )
 
 
-def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, lora_ranks: torch.Tensor, token_slots: torch.Tensor,
-                cfg: Optional[tuning.LaunchConfig] = None) -> torch.Tensor:
+def bgmv_shrink(x: torch.Tensor, storage: torch.Tensor, a_offsets: torch.Tensor, lora_ranks: torch.Tensor,
+                token_slots: torch.Tensor, max_rank: int, cfg: Optional[tuning.LaunchConfig] = None) -> torch.Tensor:
     """Semantics:
-      h[i, :r] = x[i] @ lora_a[s, :r].T      for every i with s = token_slots[i] >= 0, r = lora_ranks[s]
-      h[i, :]  = 0                           everywhere else
+      h[i, :r] = x[i] @ A_s.T      for every i with s = token_slots[i] >= 0, r = lora_ranks[s]
+      h[i, :]  = 0                 everywhere else
+    where A_s [r, in] = storage[a_offsets[s] : a_offsets[s] + r * in] (row-major).
     Args:
       x:           [T, in]
-      lora_a:      [S, R, in]
-      lora_ranks:  [S] int32
+      storage:     1-D, x's dtype; a_offsets: [S] int64; lora_ranks: [S] int32
       token_slots: [T] int32, -1 = no adapter
+      max_rank:    >= the rank of every token's slot: h's width
       cfg:         the launch config (default: `tuning`'s for these sizes)
     Returns:
-      h: [T, R] float32
+      h: [T, max_rank] float32
     """
-    check_shrink_inputs(x, lora_a, lora_ranks)
+    check_shrink_inputs(x, storage, a_offsets, lora_ranks)
     _check_token_slots(token_slots, x.shape[0], x.device)
-    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-    if x.shape[0] == 0:
+    h = torch.zeros(x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0 or max_rank == 0:
         return h
-    cfg = cfg or tuning.bgmv_shrink_config(x.shape[0], lora_a.shape[1], x.shape[1])
+    cfg = cfg or tuning.bgmv_shrink_config(x.shape[0], max_rank, x.shape[1])
     grid = (x.shape[0], cfg.split_k)
     _bgmv_shrink_kernel[grid](
-        x, lora_a, h, lora_ranks, token_slots,
+        x, storage, a_offsets, h, lora_ranks, token_slots,
         x.shape[1],
         x.stride(0), x.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         h.stride(0), h.stride(1),
-        BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        BLOCK_R=max(cfg.block_r, triton.next_power_of_2(max_rank)), BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h
 
 
-def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, lora_ranks: torch.Tensor,
-                token_slots: torch.Tensor, cfg: Optional[tuning.LaunchConfig] = None) -> None:
+def bgmv_expand(y: torch.Tensor, h: torch.Tensor, storage: torch.Tensor, b_offsets: torch.Tensor,
+                lora_ranks: torch.Tensor, token_slots: torch.Tensor, cfg: Optional[tuning.LaunchConfig] = None) -> None:
     """Semantics:
-      y[i] += h[i, :r] @ lora_b[s, :, :r].T   for every i with s = token_slots[i] >= 0, r = lora_ranks[s]
+      y[i] += h[i, :r] @ Bᵀ_s   for every i with s = token_slots[i] >= 0, r = lora_ranks[s]
+    where Bᵀ_s [r, out] = storage[b_offsets[s] : b_offsets[s] + r * out] (row-major).
     Args:
       y:           [T, out]  modified in place; tokens of slot -1 are not written
-      h:           [T, R] float32
-      lora_b:      [S, out, R]
-      lora_ranks:  [S] int32
-      token_slots: [T] int32, -1 = no adapter
+      h:           [T, R] float32, R >= every token's rank
+      others as in `bgmv_shrink`
     """
-    check_expand_inputs(y, h, lora_b, lora_ranks)
+    check_expand_inputs(y, h, storage, b_offsets, lora_ranks)
     _check_token_slots(token_slots, y.shape[0], y.device)
-    if y.shape[0] == 0:
+    if y.shape[0] == 0 or h.shape[1] == 0:
         return
-    cfg = cfg or tuning.bgmv_expand_config(y.shape[0], lora_b.shape[2], y.shape[1])
+    cfg = cfg or tuning.bgmv_expand_config(y.shape[0], h.shape[1], y.shape[1])
     grid = (y.shape[0], triton.cdiv(y.shape[1], cfg.block_n))
     _bgmv_expand_kernel[grid](
-        h, lora_b, y, lora_ranks, token_slots,
+        h, storage, b_offsets, y, lora_ranks, token_slots,
         y.shape[1],
         h.stride(0), h.stride(1),
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
         BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
