@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "transformers' own continuous batching (its manager, paged KV cache) without adapters, and "
                         "with the adapters through transformers_cb")
     p.add_argument("--cb-batch-tokens", type=int, default=512, help="transformers CB: tokens per forward")
+    p.add_argument("--preload", action="store_true",
+                   help="read the adapters the workload uses into CPU memory before each timed run (S-LoRA's "
+                        "setting: every adapter in main memory); default: lazily, inside the timed run")
     p.add_argument("--skip-peft", action="store_true", help="never run the PEFT baseline")
     p.add_argument("--peft-max-adapters", type=int, default=200,
                    help="run the PEFT baseline only for n up to this (loading many adapters into PEFT is slow)")
@@ -249,11 +252,15 @@ def resident_bound(args, base) -> int:
     return int(min(fit, args.max_loras or math.inf))
 
 
-def engine_model(base, paths: Dict[str, str], args):
-    model = multilora_plugin.wrap(copy.deepcopy(base), lora_memory=getattr(args, "lora_bytes", None), max_loras=args.max_loras,
-                                  max_lora_rank=args.rank, max_cpu_loras=args.max_cpu_loras)
+def engine_model(base, paths: Dict[str, str], args, preload: Sequence[str] = ()):
+    """The wrapped model with `paths` registered; the adapters in `preload` are read into CPU memory
+    first (untimed), as S-LoRA keeps every adapter in main memory."""
+    model = multilora_plugin.wrap(copy.deepcopy(base), lora_memory=getattr(args, "lora_bytes", None),
+                                  max_loras=args.max_loras, max_lora_rank=args.rank, max_cpu_loras=args.max_cpu_loras)
     for name, path in paths.items():
         model.register_adapter(name, path)
+    for future in model.prefetch(list(preload)).values():
+        future.result()
     return model
 
 
@@ -422,10 +429,11 @@ def run_peft(model, workload: List[TraceRequest], args, desc: str) -> RunResult:
     return RunResult(seconds, tokens, latency, errors=errors)
 
 
-def contestants(base, paths: Dict[str, str], peft, args) -> Dict[str, Callable[..., RunResult]]:
+def contestants(base, paths: Dict[str, str], peft, args,
+                preload: Sequence[str] = ()) -> Dict[str, Callable[..., RunResult]]:
     """{name: (workload, args) -> RunResult}; the engines build a fresh wrapped model per call (untimed)."""
     runs = {
-        "engine": lambda workload, a: run_engine(engine_model(base, paths, a), workload, a, "engine"),
+        "engine": lambda workload, a: run_engine(engine_model(base, paths, a, preload), workload, a, "engine"),
         "no-adapter": lambda workload, a: run_engine(engine_model(base, {}, a), without_adapters(workload), a,
                                                      "no-adapter"),
     }
@@ -507,7 +515,8 @@ def sweep_point(base, paths: Dict[str, str], n: int, args) -> dict:
     peft, point["peft_skipped"] = None, peft_skip_reason(n, args)
     if point["peft_skipped"] is None and used:
         peft, point["peft_load_s"] = peft_model(base, {name: paths[name] for name in used})
-    runs = contestants(base, {name: paths[name] for name in map(adapter_name, range(n))}, peft, args)
+    runs = contestants(base, {name: paths[name] for name in map(adapter_name, range(n))}, peft, args,
+                       used if args.preload else ())
     warm_up(runs, workload, args)
     results = interleaved(runs, workload, args)
     for run in (run for rounds in results.values() for run in rounds):
@@ -575,7 +584,8 @@ def report(points: List[dict], args, command: str, setup_s: float) -> str:
         + f", max_loras {args.max_loras or 'unbounded'} (adapters resident at most: {args.resident}), "
           f"max_cpu_loras {args.max_cpu_loras or 'default'}, "
         f"max_num_seqs {args.max_num_seqs}, policy {args.policy}; greedy, ignore_eos; fresh engine per round, "
-        f"adapters registered lazily (disk reads are inside the timed run)",
+        + ("the adapters used read into CPU memory before each run (--preload)" if args.preload else
+           "adapters registered lazily (disk reads are inside the timed run)"),
         "PEFT baseline: offline (arrival times ignored, all requests available at t = 0), one adapter group at a "
         "time, batches of up to max_num_seqs; adapter loading is not timed (column 'peft load s')",
         f"Median of {args.repeats} interleaved round(s); torch {torch.__version__}, "

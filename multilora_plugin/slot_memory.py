@@ -157,6 +157,15 @@ class SlotMemory:
             for name, target in self.targets.items():
                 w = None if weights is None else weights.modules.get(name)
                 target.write_slot(slot, w, views.get(name, {}) if w is not None else {}, non_blocking=non_blocking)
+        self._flush()
+
+    def _flush(self) -> None:
+        """The kernels' tables on a GPU are written now, with the slots (a captured CUDA graph reads them
+        where they are); on a CPU the torch path never reads them, so they wait until something does."""
+        for target in self.targets.values():
+            bank = getattr(target, "bank", None)
+            if bank is not None and bank.device.type == "cuda":
+                bank.flush()
 
     def _place(self, slot: int, pieces: Dict[str, dict]) -> Dict[str, dict]:
         layout: Dict[PoolKey, list] = {}

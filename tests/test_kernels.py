@@ -174,6 +174,32 @@ def test_torch_backend_every_shape_of_work(monkeypatch, segment_us):
             check_add_lora(TorchBackend(), make_case(rows, per_row, 64, 96, torch.float32, pattern), torch.float32)
 
 
+def test_the_stacked_pairs_are_kept_from_step_to_step_and_only_what_joins_is_copied():
+    """Decode steps whose adapters change a few at a time: each gives the reference's result, the stack
+    copies only the pairs it lacks, and a slot written again is never served from its old block."""
+    case = make_case(8, 1, 64, 96, torch.float32, "distinct", ranks=(8, 8, 8, 8), seed=6)
+    bank = case.bank
+
+    def step(row_slots):
+        case.row_slots = row_slots
+        want, got = case.y.clone(), case.y.clone()
+        add_lora_reference(want, case.x, case.lora_a, case.lora_b, case.lora_ranks, case.token_slots)
+        TorchBackend._add_stacked(got, case.x, bank, case.tokens, list(case.tokens.segments))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    step((0, 1, 0, 1, -1, 0, 1, 1))
+    first = bank.stack.a
+    assert bank.copy_bytes((1, 2)) == 8 * (64 + 96) * 4  # only slot 2 lacks a block
+    step((2, 1, 2, 1, 1, -1, 2, 2))  # slot 2 takes the block of slot 0, which left the batch
+    assert bank.stack.a is first and sorted(bank.stack.owners) == [1, 2]
+    case.lora_a[1] *= -1  # slot 1 is written again: its block is stale
+    fresh = SlotBank.from_padded(case.lora_a, case.lora_b, case.lora_ranks)
+    bank.bind(1, fresh.a[1], fresh.b[1])
+    assert 1 not in bank.stack.owners
+    step((2, 1, 3, 1, 3, 1, 2, -1))
+    step((3, 3, 3, 3, 0, 0, 0, 0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("row_slots", [
     (0, 1, 2, 3),  # one token per slot, contiguous, in order: slot buffers used in place

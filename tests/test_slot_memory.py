@@ -146,3 +146,22 @@ def test_the_engine_serves_more_adapters_than_fit_each_equal_to_peft(ranked):
         assert out.outputs[0].token_ids == ranked.greedy(name, prompt, 4), name
     stats = model.memory_stats()
     assert stats.gpu_evictions > 0 and stats.gpu_bytes <= stats.slot_memory_bytes
+
+
+def test_a_request_for_an_adapter_larger_than_the_budget_fails_alone(ranked):
+    """The scheduler never waits for room that cannot exist: the request fails with the typed error,
+    and the requests beside it, on adapters that fit, are PEFT's alone."""
+    size = sizes(ranked)
+    model = multilora_plugin.wrap(ranked.fresh(), lora_memory=size["r160"])
+    llm = LLM(model, load_entrypoints=False, max_num_seqs=4)
+    lora = {name: LoRARequest(name, i + 1, ranked.paths[name]) for i, name in enumerate(["r640", "r160", "r40"])}
+    names = ["r160", "r640", None, "r40"]
+    prompts = [[5, 9, 4], [6, 9, 4], [7, 9, 4], [8, 9, 4]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+                        lora_request=[lora.get(n) for n in names], use_tqdm=False)
+    for name, prompt, out in zip(names, prompts, outs):
+        if name == "r640":
+            assert out.outputs[0].finish_reason == "error" and "more than the whole budget" in str(out.error)
+        else:
+            assert out.outputs[0].token_ids == ranked.greedy(name, prompt, 3), name

@@ -35,12 +35,12 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Callable, Collection, Iterable, Optional, Sequence
 
-from ..errors import AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, CapacityError
+from ..errors import AdapterExistsError, AdapterNotFoundError, CapacityError
 from .checkpoint import AdapterWeights
 from .contents import Content, Entry, new_content_id
 from .reads import Load, Reader, Reads
 from .registry import AdapterSource
-from .slots import EMPTY, SlotTable, human_bytes
+from .slots import EMPTY, SlotTable
 from .state import AdapterState, CacheStats, Counters, EventQueue, Hold, not_registered
 
 Writer = Callable[[Sequence[tuple]], None]  # [(slot, AdapterWeights or None), ...]
@@ -80,7 +80,7 @@ class AdapterCache:
             raise ValueError("replacing an adapter needs its new weights")
         name = source.name
         if weights is not None:
-            self._check_size(name, self._size(weights))
+            self._slots.check_size(name, self._size(weights))
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None and not replace:
@@ -245,17 +245,24 @@ class AdapterCache:
             return entry is not None and entry.content is not None and entry.content.id in self._slots
 
     def fits(self, names: Collection[str]) -> bool:
+        """Whether `names` can be in slots together beside the held and pinned contents. An adapter
+        larger than the whole budget counts as fitting: its `acquire` fails it alone, with the reason."""
         with self._lock:
             needed = set(names)
             kept = [cid for cid in self._slots.resident() if self._protected(cid)
                     and not (self._live[cid].name in needed and self._is_current(self._live[cid]))]
+            capacity = self._slots.capacity if self._slots.capacity is not None else float("inf")
             known, guessed = [], []
             for name in needed:
                 entry = self._entries.get(name)
                 if entry is not None and entry.content is not None:
-                    known.append(entry.content.id)
+                    if entry.content.size <= capacity:
+                        known.append(entry.content.id)
+                    else:
+                        guessed.append(0)
                 else:
-                    guessed.append(self._per_rank * (entry.source.rank if entry is not None else 0))
+                    guess = self._per_rank * (entry.source.rank if entry is not None else 0)
+                    guessed.append(guess if guess <= capacity else 0)
             return self._slots.fits(known, kept, guessed)
 
     # introspection ----------------------------------------------------------------------------------
@@ -323,14 +330,6 @@ class AdapterCache:
                 raise
         self._events.dispatch()
         return placed
-
-    def _check_size(self, name: str, size: int) -> None:
-        capacity = self._slots.capacity
-        if capacity is not None and size > capacity:
-            raise AdapterTooLargeError(
-                f"adapter {name!r} needs {human_bytes(size)} of slot memory, more than the whole budget of {human_bytes(capacity)} "
-                "(lora_memory); wrap with a larger lora_memory"
-            )
 
     def _check_pin(self, entry: Entry) -> None:
         pinned = sum(e.pinned for e in self._entries.values())

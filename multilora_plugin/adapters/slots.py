@@ -152,17 +152,20 @@ class SlotTable:
         if self.capacity is None:
             return
         for key in wanted:
-            if self._size(key) > self.capacity:
-                raise AdapterTooLargeError(
-                    f"adapter {self._label(key)!r} needs {human_bytes(self._size(key))} of slot memory, more than the "
-                    f"whole budget of {human_bytes(self.capacity)} (lora_memory); wrap with a larger lora_memory"
-                )
+            self.check_size(self._label(key), self._size(key))
         total = sum(map(self._size, wanted))
         if total > self.capacity:
             raise CapacityError(
                 f"a batch needs {len(wanted)} adapters of {human_bytes(total)} together in slot memory, but the budget "
                 f"is {human_bytes(self.capacity)} (lora_memory); split the batch or wrap with a larger lora_memory"
             )
+
+    def check_size(self, label: str, size: int) -> None:
+        """`AdapterTooLargeError` when one adapter of `size` bytes exceeds the whole capacity."""
+        if self.capacity is not None and size > self.capacity:
+            raise AdapterTooLargeError(
+                f"adapter {label!r} needs {human_bytes(size)} of slot memory, more than the whole budget of "
+                f"{human_bytes(self.capacity)} (lora_memory); wrap with a larger lora_memory")
 
     def _victims(self, new: list, free: int, victims: list) -> Optional[list]:
         """The fewest least recently used `victims` to evict so that `new` keys fit, or None."""

@@ -12,6 +12,9 @@ device, tuned for CPU.
 - in place: one token per adapter, all of one rank (distinct adapters, decode): the concatenated
   pairs, `[n, r, in]`, are the per-token weights; two batched matmuls.
 
+The stacked path keeps each layer's stacked pairs from step to step (`kernels/stack.py`), copying only
+the pairs of adapters that joined the batch; the plan counts what it would copy.
+
 The choice between segments and stacked weighs their cost in microseconds: the arithmetic of each,
 the weights the stacked path copies, and a fixed cost per segment (`MACS_PER_US`, `COPY_BYTES_PER_US`,
 `SEGMENT_US`, measured with benchmarks/bench_kernels.py on the 2-core CPU these numbers come from).
@@ -44,8 +47,9 @@ def _plan(tokens: TokenMapping, segments: list, bank: SlotBank) -> str:
         return "in_place"
     width = bank.in_features + bank.out_features
     total = sum(used)
-    stacked_us = (tokens.num_tokens * total * width / MACS_PER_US
-                  + total * width * bank.storage.element_size() / COPY_BYTES_PER_US)
+    slots = tuple(s for s, _, _ in segments)
+    rows = max(total, len(bank.stack.owners) * bank.stack.rank)  # the kept blocks of adapters not in the batch too
+    stacked_us = tokens.num_tokens * rows * width / MACS_PER_US + bank.copy_bytes(slots) / COPY_BYTES_PER_US
     segments_us = (len(segments) * SEGMENT_US
                    + sum((end - start) * r for (_, start, end), r in zip(segments, used)) * width / MACS_PER_US)
     return "stacked" if stacked_us < segments_us else "segments"
@@ -130,11 +134,9 @@ class TorchBackend:
     @staticmethod
     def _add_stacked(y, x, bank: SlotBank, tokens: TokenMapping, segments: list) -> None:
         """Every token against every adapter of the batch, each keeping its own adapter's columns."""
-        slots = [slot for slot, _, _ in segments]
-        a = torch.cat([bank.a[s] for s in slots])  # [Σr, in]
-        b = torch.cat([bank.b[s] for s in slots])  # [Σr, out]
+        a, b, owners = bank.stacked(tuple(slot for slot, _, _ in segments))  # [Σr, in], [Σr, out]
         h = x @ a.T  # [T, Σr]
-        h.mul_(tokens.rank_mask(tuple((s, bank.host_ranks[s]) for s in slots), h.dtype))  # others' columns zeroed
+        h.mul_(tokens.rank_mask(owners, h.dtype))  # other adapters' columns zeroed
         y.addmm_(h, b)  # [T, Σr] @ [Σr, out]
 
     @staticmethod
