@@ -5,7 +5,8 @@ row adds the delta of its own adapter, `y[i] += x[i] @ A[s].T @ B[s].T`. Nothing
 
 Sweep (each option below restricts it):
   shapes     4096x4096 and 4096x11008 (in x out)
-  ranks      8, 16, 32, 64; every slot holds an adapter of that rank
+  ranks      8, 16, 32, 64; every slot holds an adapter of that rank. "8+64": slots alternate between
+             ranks 8 and 64 (a 50/50 mix in the batch, each packed at its own rank)
   batches    1, 4, 16, 64
   patterns   which adapter each row uses:
                distinct   row i uses adapter i
@@ -116,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in SHAPES],
                    metavar="INxOUT", help=f"projection shapes (default {' '.join(SHAPES)})")
-    p.add_argument("--ranks", nargs="+", type=int, default=list(RANKS))
+    p.add_argument("--ranks", nargs="+", type=rank_mix, default=[(r,) for r in RANKS],
+                   help="ranks, or mixes such as 8+64 (slots alternate between them)")
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
     p.add_argument("--slot-order", choices=("packed", "scattered"), default="packed",
@@ -140,11 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write every result as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help=f"save a PNG of µs vs batch at rank {PLOT_RANK} (needs matplotlib)")
     args = p.parse_args(argv)
-    for name in ("ranks", "batches"):
-        if min(getattr(args, name)) < 1:
-            p.error(f"--{name} should all be at least 1")
-    if args.slot_rank is not None and args.slot_rank < max(args.ranks):
-        p.error(f"--slot-rank {args.slot_rank} is smaller than the largest rank {max(args.ranks)}")
+    if min(args.batches) < 1:
+        p.error("--batches should all be at least 1")  # ranks: checked by rank_mix
+    largest = max(max(mix) for mix in args.ranks)
+    if args.slot_rank is not None and args.slot_rank < largest:
+        p.error(f"--slot-rank {args.slot_rank} is smaller than the largest rank {largest}")
     if args.min_time < 0 or args.max_reps < 1 or args.warmup < 1:
         p.error("--min-time should be at least 0, --max-reps and --warmup at least 1")
     if args.devices is None:
@@ -183,17 +185,34 @@ def slot_of_adapter(num_slots: int, order: str, seed: int) -> List[int]:
     return torch.randperm(num_slots, generator=torch.Generator().manual_seed(seed + 3)).tolist()
 
 
-def make_weights(num_slots: int, rank: int, slot_rank: int, d_in: int, d_out: int, seed: int):
-    """Slot buffers as the model keeps them, every slot filled to `rank`, zeros after.
+def rank_mix(value: str) -> tuple:
+    """"16" → (16,); "8+64" → (8, 64)."""
+    try:
+        ranks = tuple(int(part) for part in value.split("+"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank or ranks joined by '+', but got {value!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"ranks should be at least 1, but got {value!r}")
+    return ranks
+
+
+def rank_label(mix: tuple):
+    return mix[0] if len(mix) == 1 else "+".join(map(str, mix))
+
+
+def make_weights(num_slots: int, mix: tuple, slot_rank: int, d_in: int, d_out: int, seed: int):
+    """Slot buffers as the baselines keep them, slot s filled to rank mix[s % len(mix)], zeros after.
 
     Returns lora_a [S, R, in], lora_b [S, out, R] (scaling folded in) and lora_ranks [S] int32, fp32 on CPU.
     """
     gen = torch.Generator().manual_seed(seed + 1)
     lora_a = torch.zeros(num_slots, slot_rank, d_in)
     lora_b = torch.zeros(num_slots, d_out, slot_rank)
-    lora_a[:, :rank] = torch.randn(num_slots, rank, d_in, generator=gen) / d_in ** 0.5
-    lora_b[:, :, :rank] = torch.randn(num_slots, d_out, rank, generator=gen) / rank ** 0.5
-    return lora_a, lora_b, torch.full((num_slots,), rank, dtype=torch.int32)
+    ranks = [mix[s % len(mix)] for s in range(num_slots)]
+    for s, rank in enumerate(ranks):
+        lora_a[s, :rank] = torch.randn(rank, d_in, generator=gen) / d_in ** 0.5
+        lora_b[s, :, :rank] = torch.randn(d_out, rank, generator=gen) / rank ** 0.5
+    return lora_a, lora_b, torch.tensor(ranks, dtype=torch.int32)
 
 
 @dataclass
@@ -214,9 +233,10 @@ class Workload:
         return len(set(self.rows))
 
 
-def minimal_bytes(batch: int, d_in: int, d_out: int, adapters: int, rank: int, elem: int) -> int:
-    """x read, y read and written, and each used adapter's weights cut to its rank, read once."""
-    return elem * (batch * d_in + 2 * batch * d_out + adapters * rank * (d_in + d_out))
+def minimal_bytes(batch: int, d_in: int, d_out: int, adapters: int, rank: float, elem: int) -> int:
+    """x read, y read and written, and each used adapter's weights cut to its rank (`rank`: their mean),
+    read once."""
+    return int(elem * (batch * d_in + 2 * batch * d_out + adapters * rank * (d_in + d_out)))
 
 
 # ---------------------------------------------------------------- contestants
@@ -349,7 +369,9 @@ def run_config(suite: Suite, w: Workload, shape: Tuple[int, int], rank: int, pat
     seconds, reps = measure(timed, block, args.min_time, args.max_reps, args.warmup)
     main, *others = suite.contestants
     batch, (d_in, d_out) = len(w.rows), shape
-    nbytes = minimal_bytes(batch, d_in, d_out, w.adapters_used, rank, w.x.element_size())
+    used = w.lora_ranks.tolist()
+    mean_rank = sum(used[s] for s in set(w.rows)) / w.adapters_used
+    nbytes = minimal_bytes(batch, d_in, d_out, w.adapters_used, mean_rank, w.x.element_size())
     gbs = nbytes / seconds[main] / 1e9
     return dict(
         device=suite.device, dtype=str(suite.dtype).removeprefix("torch."), shape=f"{d_in}x{d_out}",
@@ -366,8 +388,9 @@ def sweep(suite: Suite, args) -> List[dict]:
     total = len(args.shapes) * len(args.ranks) * len(args.batches) * len(args.patterns)
     results = []
     for d_in, d_out in args.shapes:
-        for rank in args.ranks:
-            a, b, ranks = make_weights(num_slots, rank, args.slot_rank or rank, d_in, d_out, args.seed)
+        for mix in args.ranks:
+            rank = rank_label(mix)
+            a, b, ranks = make_weights(num_slots, mix, args.slot_rank or max(mix), d_in, d_out, args.seed)
             a, b = a.to(suite.device, suite.dtype), b.to(suite.device, suite.dtype)
             ranks = ranks.to(suite.device)
             bank = SlotBank.from_padded(a, b, ranks)
@@ -439,7 +462,7 @@ def plot(results: List[dict], suites: List[Suite], path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e .[bench]); no plot"
-    ranks = sorted({r["rank"] for r in results})
+    ranks = sorted({r["rank"] for r in results if isinstance(r["rank"], int)}) or [results[0]["rank"]]
     rank = PLOT_RANK if PLOT_RANK in ranks else ranks[0]
     picked = [r for r in results if r["rank"] == rank]
     panels = list(dict.fromkeys((r["device"], r["shape"]) for r in picked))

@@ -83,10 +83,10 @@ def kernels(ctx: Context) -> List[str]:
     json_out = ["--json", str(ctx.parts / "kernels.json")]
     if ctx.dry_run:
         return ctx.python(BENCH / "bench_kernels.py", "--devices", "cpu", "--contestants", "triton", "ours", "gather_bmm",
-                          "--shapes", "64x128", "--ranks", "8", "--batches", "1", "4", "--patterns", "distinct",
+                          "--shapes", "64x128", "--ranks", "8", "4+16", "--batches", "1", "4", "--patterns", "distinct",
                           "identical", "--min-time", "0.001", "--max-reps", "2", "--warmup", "1", *json_out)
     return ctx.python(BENCH / "bench_kernels.py", "--devices", "cuda", "--shapes", "4096x4096", "4096x11008",
-                      "--ranks", "8", "16", "64", "--batches", "1", "4", "16", "32", "64", "--patterns", "distinct",
+                      "--ranks", "8", "16", "64", "8+64", "--batches", "1", "4", "16", "32", "64", "--patterns", "distinct",
                       "uniform", "skewed", "identical", "--min-time", "0.05", "--hbm-gbs", f"{ctx.hbm_gbs:g}",
                       *json_out)
 

@@ -1,7 +1,7 @@
 """The torch backend: LoRA ops in plain torch over a `TokenMapping` and a `SlotBank`. Correct on every
 device, tuned for CPU.
 
-`add_lora` picks one of three shapes of work from the mapping and the layer's size:
+`add_lora` picks one of two shapes of work from the mapping and the layer's size:
 - segments: one matmul pair per segment, on the slot's own A and Bᵀ (views at its true rank). The
   cheapest for one adapter, and for long runs of tokens per adapter (prefill).
 - stacked: every token against every adapter of the batch in two matmuls (the batch's A and Bᵀ
@@ -9,8 +9,6 @@ device, tuned for CPU.
   Python loop runs over adapters, at the price of n times the (small) LoRA arithmetic: the cheapest
   for decode and for the mixed steps of transformers' continuous batching, where many adapters have
   a few tokens each. Only the batch's adapters are read, however many are resident.
-- in place: one token per adapter, all of one rank (distinct adapters, decode): the concatenated
-  pairs, `[n, r, in]`, are the per-token weights; two batched matmuls.
 
 The stacked path keeps each layer's stacked pairs from step to step (`kernels/stack.py`), copying only
 the pairs of adapters that joined the batch; the plan counts what it would copy.
@@ -21,8 +19,6 @@ the weights the stacked path copies, and a fixed cost per segment (`MACS_PER_US`
 """
 
 from __future__ import annotations
-
-
 
 import torch
 
@@ -37,22 +33,21 @@ SEGMENT_US = 25  # one more segment in the loop: two small matmuls and their sli
 
 
 def _plan(tokens: TokenMapping, segments: list, bank: SlotBank) -> str:
-    """"segments", "stacked" or "in_place": the cheapest shape of work for the batch's `segments`
+    """"segments" or "stacked": the cheapest shape of work for the batch's `segments`
     (those whose slot has a rank in this layer)."""
     used = [bank.host_ranks[slot] for slot, _, _ in segments]
     if len(segments) == 1:
         return "segments"
-    whole = len(segments) == len(tokens.segments)
-    if whole and tokens.num_active == len(segments) and min(used) == max(used):
-        return "in_place"
     width = bank.in_features + bank.out_features
     total = sum(used)
     slots = tuple(s for s, _, _ in segments)
     rows = max(total, len(bank.stack.owners) * bank.stack.rank)  # the kept blocks of adapters not in the batch too
-    stacked_us = tokens.num_tokens * rows * width / MACS_PER_US + bank.copy_bytes(slots) / COPY_BYTES_PER_US
-    segments_us = (len(segments) * SEGMENT_US
-                   + sum((end - start) * r for (_, start, end), r in zip(segments, used)) * width / MACS_PER_US)
-    return "stacked" if stacked_us < segments_us else "segments"
+    costs = {
+        "stacked": tokens.num_tokens * rows * width / MACS_PER_US + bank.copy_bytes(slots) / COPY_BYTES_PER_US,
+        "segments": len(segments) * SEGMENT_US
+        + sum((end - start) * r for (_, start, end), r in zip(segments, used)) * width / MACS_PER_US,
+    }
+    return min(costs, key=costs.get)
 
 
 class TorchBackend:
@@ -109,10 +104,8 @@ class TorchBackend:
         shape = _plan(tokens, segments, bank)
         if shape == "segments":
             self._add_segments(y, x, bank, tokens, segments)
-        elif shape == "stacked":
-            self._add_stacked(y, x, bank, tokens, segments)
         else:
-            self._add_in_place(y, x, bank, tokens)
+            self._add_stacked(y, x, bank, tokens, segments)
 
     @staticmethod
     def _add_segments(y, x, bank: SlotBank, tokens: TokenMapping, segments: list) -> None:
@@ -138,17 +131,3 @@ class TorchBackend:
         h = x @ a.T  # [T, Σr]
         h.mul_(tokens.rank_mask(owners, h.dtype))  # other adapters' columns zeroed
         y.addmm_(h, b)  # [T, Σr] @ [Σr, out]
-
-    @staticmethod
-    def _add_in_place(y, x, bank: SlotBank, tokens: TokenMapping) -> None:
-        """One token per adapter, all of one rank: the concatenated pairs are the per-token weights."""
-        slots = [slot for slot, _, _ in tokens.segments]
-        n, r = len(slots), bank.host_ranks[slots[0]]
-        xs = x if tokens.identity else x.index_select(0, tokens.index)  # [Ta, in], in slot order
-        a = torch.cat([bank.a[s] for s in slots]).view(n, r, -1)  # [Ta, r, in]
-        b = torch.cat([bank.b[s] for s in slots]).view(n, r, -1)  # [Ta, r, out]
-        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [Ta, 1, r]
-        if tokens.identity:
-            y.unsqueeze(1).baddbmm_(h, b)  # [T, 1, out]
-        else:
-            y.index_add_(0, tokens.index, torch.bmm(h, b).squeeze(1))
