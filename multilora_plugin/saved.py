@@ -122,8 +122,8 @@ class MultiLoRASaved(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         mapping = self.context.mapping
-        if mapping is None or not any(c is not None for c in (*self.copies, *self.columns)):
-            return y
+        if mapping is None:
+            return y  # the batch's slots that hold a copy are found below, not by a scan of every slot
         x2 = x.reshape(-1) if isinstance(self.original, nn.Embedding) else x.reshape(-1, x.shape[-1])
         tokens = (mapping.head_tokens if self.head else mapping.tokens)(x2.shape[0], x.device)
         segments = [seg for seg in tokens.segments if self.copies[seg[0]] is not None

@@ -13,7 +13,7 @@ the pool is compacted: blocks slide down in address order (device copies, no re-
 target whose views moved is re-pointed (`bind`). Writes happen only between forwards
 (`AdapterCache.sync`), on the model's copy stream on CUDA, so no forward sees a block move.
 
-Running example: a budget of 96 elements, pieces aligned to 16 (ALIGN is 8); adapters X (rank 1, 32 elements), Y (48), Z (16):
+Running example: a budget of 96 elements; blocks X (32 elements), Y (48), Z (16), W (32):
     place X, Y           blocks X [0, 32), Y [32, 80)                free [80, 96)
     free X, place Z      Z [0, 16), Y [32, 80)                       free [16, 32) and [80, 96)
     place W (32)         no gap of 32 → compact: Z [0, 16), Y [16, 64), W [64, 96)
@@ -44,10 +44,6 @@ def default_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_DEFAULT_FRACTION)
     return CPU_DEFAULT_BYTES
-
-
-def _elt(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _aligned(numel: int) -> int:
@@ -125,7 +121,6 @@ class SlotMemory:
         self.targets = dict(targets)
         self._pools: Dict[PoolKey, Pool] = {}
         self._layouts: Dict[int, dict] = {}  # slot → {pool key: [(target, piece, shape, offset in block)]}
-        self._outside: Dict[int, int] = {}  # slot → bytes of its pieces kept outside the pools
         self.compactions = 0
 
     # sizes ------------------------------------------------------------------------------------------
@@ -134,15 +129,30 @@ class SlotMemory:
         return {name: self.targets[name].slot_pieces(w) for name, w in weights.modules.items()
                 if name in self.targets}
 
+    @staticmethod
+    def _layout(pieces: Dict[str, dict]) -> tuple:
+        """({pool key: [(target, piece, shape, offset in the block)]}, {pool key: block length},
+        [(target, piece, shape, dtype, device)] of the pieces kept outside the pools: ids)."""
+        layout: Dict[PoolKey, list] = {}
+        lengths: Dict[PoolKey, int] = {}
+        outside = []
+        for name, own in pieces.items():
+            for piece, (shape, dtype, device) in own.items():
+                if not dtype.is_floating_point:
+                    outside.append((name, piece, tuple(shape), dtype, device))
+                    continue
+                key = (torch.device(device), dtype)
+                offset = lengths.get(key, 0)
+                layout.setdefault(key, []).append((name, piece, tuple(shape), offset))
+                lengths[key] = offset + _aligned(math.prod(shape))
+        return layout, lengths, outside
+
     def size(self, weights) -> int:
         """The bytes an adapter takes in slot memory: its blocks (pieces aligned to ALIGN elements)
         and its pieces outside the pools."""
-        total = 0
-        for pieces in self._pieces(weights).values():
-            for shape, dtype, _ in pieces.values():
-                numel = math.prod(shape)
-                total += (_aligned(numel) if dtype.is_floating_point else numel) * _elt(dtype)
-        return total
+        _, lengths, outside = self._layout(self._pieces(weights))
+        return (sum(length * key[1].itemsize for key, length in lengths.items())
+                + sum(math.prod(shape) * dtype.itemsize for _, _, shape, dtype, _ in outside))
 
     # writes -----------------------------------------------------------------------------------------
     def write(self, writes: Sequence[tuple], non_blocking: bool = False) -> None:
@@ -151,7 +161,6 @@ class SlotMemory:
             for pool in self._pools.values():
                 pool.free(slot)
             self._layouts.pop(slot, None)
-            self._outside.pop(slot, None)
         for slot, weights in writes:
             views = {} if weights is None else self._place(slot, self._pieces(weights))
             for name, target in self.targets.items():
@@ -168,20 +177,11 @@ class SlotMemory:
                 bank.flush()
 
     def _place(self, slot: int, pieces: Dict[str, dict]) -> Dict[str, dict]:
-        layout: Dict[PoolKey, list] = {}
+        layout, lengths, outside = self._layout(pieces)
         views: Dict[str, dict] = {name: {} for name in pieces}
-        outside = 0
-        for name, own in pieces.items():
-            for piece, (shape, dtype, device) in own.items():
-                if not dtype.is_floating_point:  # ids: a small tensor of their own
-                    views[name][piece] = torch.empty(shape, dtype=dtype, device=device)
-                    outside += views[name][piece].numel() * views[name][piece].element_size()
-                    continue
-                entries = layout.setdefault((torch.device(device), dtype), [])
-                offset = entries[-1][3] + _aligned(math.prod(entries[-1][2])) if entries else 0
-                entries.append((name, piece, tuple(shape), offset))
-        for key, entries in layout.items():
-            length = entries[-1][3] + _aligned(math.prod(entries[-1][2]))
+        for name, piece, shape, dtype, device in outside:  # ids: a small tensor of their own
+            views[name][piece] = torch.empty(shape, dtype=dtype, device=device)
+        for key, length in lengths.items():
             pool = self._pool(key)
             if pool.alloc(slot, length) is None:
                 self._compact(pool)
@@ -190,7 +190,6 @@ class SlotMemory:
                                        f"{pool.capacity} with {pool.capacity - pool.used} free (the cache "
                                        "admitted more than the budget)")
         self._layouts[slot] = layout
-        self._outside[slot] = outside
         for name, own in self._views(slot).items():
             views[name].update(own)
         return views
@@ -218,17 +217,13 @@ class SlotMemory:
         pool = self._pools.get(key)
         if pool is None:
             device, dtype = key
-            pool = self._pools[key] = Pool(self.budget // _elt(dtype) // ALIGN * ALIGN, device, dtype)
+            pool = self._pools[key] = Pool(self.budget // dtype.itemsize // ALIGN * ALIGN, device, dtype)
         return pool
 
     # stats ------------------------------------------------------------------------------------------
-    def used(self) -> int:
-        """Bytes the slots' adapters take now."""
-        return sum(p.used * _elt(p.dtype) for p in self._pools.values()) + sum(self._outside.values())
-
     def reserved(self) -> int:
         """Bytes the pools hold on their devices (allocated at the budget's size when first used)."""
-        return sum(p.capacity * _elt(p.dtype) for p in self._pools.values() if p._storage is not None)
+        return sum(p.capacity * p.dtype.itemsize for p in self._pools.values() if p._storage is not None)
 
     def fragmentation(self) -> float:
         """The worst pool's `Pool.fragmentation` (0 when no pool is used)."""

@@ -106,10 +106,6 @@ class SlotBank:
     def max_rank(self, slots: Sequence[int]) -> int:
         return max((self.host_ranks[s] for s in slots), default=0)
 
-    def views_bytes(self) -> int:
-        """Memory the slots' pairs take (their views, not the storage)."""
-        return sum(t.numel() * t.element_size() for t in (*self.a, *self.b) if t is not None)
-
     @classmethod
     def from_padded(cls, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: torch.Tensor) -> "SlotBank":
         """A bank holding the pairs of padded slot tensors (`lora_a` [S, R, in], `lora_b` [S, out, R],
