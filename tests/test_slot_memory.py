@@ -165,3 +165,23 @@ def test_a_request_for_an_adapter_larger_than_the_budget_fails_alone(ranked):
             assert out.outputs[0].finish_reason == "error" and "more than the whole budget" in str(out.error)
         else:
             assert out.outputs[0].token_ids == ranked.greedy(name, prompt, 3), name
+
+
+def test_a_hot_replace_by_a_larger_adapter_never_overfills_the_budget(ranked):
+    """Replaced by a rank-64 adapter that does not fit beside the others, a rank-8 adapter's slot is
+    freed rather than rewritten in place; the next batch that names it evicts what it must and serves the
+    new weights."""
+    size = sizes(ranked)
+    model = multilora_plugin.wrap(ranked.fresh(), lora_memory=size["r640"] + size["r80"] - 1)
+    model.load_adapter("x", ranked.paths["r80"])
+    model.load_adapter("y", ranked.paths["r81"])
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        model(input_ids=ids.expand(2, -1), adapter_names=["x", "y"])
+        assert resident(model) == {"x", "y"}
+        model.load_adapter("x", ranked.paths["r640"], replace=True)
+        model(input_ids=ids, adapter_names=[None])  # the replace lands: x's slot is freed, y stays
+        assert resident(model) == {"y"} and model.adapters["x"].version == 2
+        got = model(input_ids=ids, adapter_names=["x"]).logits
+    assert resident(model) == {"x"} and model.memory_stats().gpu_bytes == size["r640"]
+    torch.testing.assert_close(got, ranked.logits("r640", ids), atol=1e-4, rtol=1e-4)
