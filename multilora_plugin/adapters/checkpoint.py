@@ -232,7 +232,7 @@ def _module_pairs(path: str, tensors: Mapping[str, torch.Tensor], model: ModelMo
     """
     names = {(key[len(_PREFIX):] if key.startswith(_PREFIX) else key): key for key in tensors}
     pairs: dict = {}
-    for name, key in names.items():
+    for name, key in sorted(names.items()):  # in name order, whatever the file's: the first error is always the same
         if name.endswith(".base_layer.weight"):
             continue
         suffix = next((s for s in _SUFFIXES if name.endswith(s)), None)
