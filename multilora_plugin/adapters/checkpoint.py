@@ -205,8 +205,9 @@ def _resolve_experts(path: str, pairs: dict, model: ModelModules, config: LoraCo
 
 def _saved_owner(path: str, name: str, model: ModelModules, config: LoraConfig) -> Optional[str]:
     """The module whose trained copy (`modules_to_save`) the tensor `name` belongs to, or None.
-    PEFT saves a copy's parameters under the module's own name ("lm_head.weight"), and copies every
-    module whose name ends with an entry ("norm" takes "input_layernorm" too)."""
+    PEFT saves a copy's parameters under the module's own name ("lm_head.weight"). Which modules an
+    entry copies changed with PEFT 0.22 (up to 0.21 every module whose name ends with it: "norm" takes
+    "input_layernorm" too; from 0.22 whole name components only); both are read, as the keys say."""
     named = tuple(config.modules_to_save or ())
     if named and getattr(config, "ensure_weight_tying", False) and model.tied_embeddings:
         named += tuple(n for n in (model.input_embedding, model.output_embedding) if n)  # PEFT copies both, tied
